@@ -1,0 +1,207 @@
+"""Multiple-choice JSONL data (SPEC §1): reading with full validation, subsets and halves.
+
+A dataset file holds one JSON object per line with at least ``label`` (the answer letter) and
+``question`` (the whole user message: question, options, instruction). Every other field is carried
+through untouched. The candidate letters of a question are read from its option lines
+(``A: ...``, ``B: ...``) after the last ``Options:`` line, never hard-coded, so data with three or
+five options works as well as the published four-option sets.
+
+Validation reads the whole file before anything expensive happens, and a problem raises
+:class:`DataError` naming the file, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CnlError
+
+__all__ = [
+    "DataError",
+    "MCRow",
+    "option_letters",
+    "read_mc_jsonl",
+    "validate_row",
+    "take_limit",
+    "split_halves",
+    "HALVES_SEED",
+    "rows_from_dicts",
+    "resolve_dataset",
+]
+
+#: Seed of the published halving (SPEC §3): ``random.Random(42).shuffle``, first ceil(n/2) rows = part 1.
+HALVES_SEED = 42
+
+# An option line: a capital letter, a colon, then the option text ("A: light"). The published sets use
+# exactly this form; the text may be empty only in malformed data, which validation reports.
+_OPTION_RE = re.compile(r"^([A-Z]):(?:[ \t]|$)", re.MULTILINE)
+_OPTIONS_HEADER_RE = re.compile(r"^Options:[ \t]*$", re.MULTILINE)
+
+
+class DataError(CnlError, ValueError):
+    """A dataset file or row cannot be used; the message names file, line and problem."""
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None) -> None:
+        self.path = str(path) if path is not None else None
+        self.line = line
+        self.detail = message
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}:{line}: " if line is not None else f"{self.path}: "
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True)
+class MCRow:
+    """One validated multiple-choice question.
+
+    Attributes:
+        question: the whole user message (question, options, instruction).
+        label: the answer letter.
+        letters: the candidate letters found in the question's options, in order.
+        raw: the original JSON object, every field kept (rewritten files start from it).
+        line: 1-based line number in the source file (0 when built in memory).
+    """
+
+    question: str
+    label: str
+    letters: tuple[str, ...]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+    line: int = 0
+
+
+def option_letters(question: str) -> tuple[str, ...]:
+    """Return the option letters of ``question`` in order of appearance.
+
+    Only the part after the last ``Options:`` line is searched when there is one, so a question stem
+    that itself contains lines such as ``A: hello`` (a dialogue) does not add spurious options.
+    Raises ``ValueError`` when a letter appears twice.
+    """
+    headers = list(_OPTIONS_HEADER_RE.finditer(question))
+    body = question[headers[-1].end() :] if headers else question
+    letters: list[str] = []
+    for m in _OPTION_RE.finditer(body):
+        letter = m.group(1)
+        if letter in letters:
+            raise ValueError(f"option {letter} appears twice in the question")
+        letters.append(letter)
+    return tuple(letters)
+
+
+def validate_row(obj: Any, *, path: str | Path | None = None, line: int | None = None) -> MCRow:
+    """Check one decoded JSON value and turn it into an :class:`MCRow`, or raise :class:`DataError`."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, line)
+    for key in ("question", "label"):
+        if key not in obj:
+            raise DataError(f"field '{key}' is missing (every row needs 'question' and 'label')", path, line)
+        value = obj[key]
+        if not isinstance(value, str):
+            raise DataError(f"field '{key}' must be a string, got {type(value).__name__}", path, line)
+        if not value.strip():
+            raise DataError(f"field '{key}' is empty", path, line)
+    question: str = obj["question"]
+    label = obj["label"].strip()
+    try:
+        letters = option_letters(question)
+    except ValueError as e:
+        raise DataError(str(e), path, line) from None
+    if not letters:
+        raise DataError(
+            "no options found in 'question' (expected lines such as 'A: ...' after an 'Options:' line)",
+            path,
+            line,
+        )
+    if label not in letters:
+        raise DataError(
+            f"label {obj['label']!r} is not among the question's options {', '.join(letters)}", path, line
+        )
+    return MCRow(question=question, label=label, letters=letters, raw=obj, line=line or 0)
+
+
+def read_mc_jsonl(path: str | Path) -> list[MCRow]:
+    """Read and validate a whole multiple-choice JSONL file.
+
+    Blank lines, CRLF line endings, a UTF-8 byte-order mark, extra fields and non-ASCII text are
+    fine. Anything else wrong raises :class:`DataError` with the file and line, before the caller
+    does any work; an empty file is an error too.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError("file not found", p)
+    if p.is_dir():
+        raise DataError("is a directory, expected a JSONL file", p)
+    data = p.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    rows: list[MCRow] = []
+    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", p, lineno) from None
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", p, lineno) from None
+        rows.append(validate_row(obj, path=p, line=lineno))
+    if not rows:
+        raise DataError("no rows: the file is empty", p)
+    return rows
+
+
+def rows_from_dicts(objs: Sequence[dict[str, Any]], source: str = "<memory>") -> list[MCRow]:
+    """Validate in-memory rows (e.g. a prepared named dataset); row i is reported as line i+1."""
+    return [validate_row(o, path=source, line=i + 1) for i, o in enumerate(objs)]
+
+
+def take_limit(rows: Sequence[MCRow], limit: int | None) -> list[MCRow]:
+    """The first ``limit`` rows (deterministic, file order); all rows when ``limit`` is None."""
+    if limit is None:
+        return list(rows)
+    if limit < 1:
+        raise DataError(f"--limit must be at least 1, got {limit}")
+    return list(rows[:limit])
+
+
+def split_halves(rows: Sequence[Any], seed: int = HALVES_SEED) -> tuple[list[Any], list[Any]]:
+    """SPEC §3 halves: shuffle a copy with ``random.Random(seed)``; first ceil(n/2) rows, then the rest.
+
+    This reproduces the published ``correct1/correct2`` and ``wrong1/wrong2`` files exactly.
+    """
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    k = math.ceil(len(shuffled) / 2)
+    return shuffled[:k], shuffled[k:]
+
+
+def resolve_dataset(name_or_path: str, *, limit: int | None = None) -> tuple[list[MCRow], str]:
+    """Rows and tag for ``--dataset``: a named dataset (csqa, arc_c, medqa, mmlu) or a JSONL path.
+
+    An existing file wins over a name, so a local ``csqa`` file can still be used. The tag is the
+    dataset name or the file's stem and names the split files. The whole file is validated before
+    ``limit`` is applied, so a bad line anywhere is reported before any model work starts.
+    """
+    from .datasets import NAMED_DATASETS, load_named_dataset
+
+    p = Path(name_or_path).expanduser()
+    if p.is_file() or p.suffix in (".jsonl", ".json") or "/" in name_or_path:
+        rows = read_mc_jsonl(p)
+        tag = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.stem
+    elif name_or_path in NAMED_DATASETS:
+        rows = rows_from_dicts(load_named_dataset(name_or_path), source=f"dataset '{name_or_path}'")
+        tag = name_or_path
+    else:
+        raise DataError(
+            f"'{name_or_path}' is neither a JSONL file nor a named dataset ({', '.join(NAMED_DATASETS)})"
+        )
+    return take_limit(rows, limit), tag

@@ -1,0 +1,215 @@
+"""Update rules of SPEC §4, applied one parameter at a time, optionally during the backward pass.
+
+Every method of ``cnl train`` shares these pieces:
+
+- an :class:`UpdateRule` turns a parameter's gradient into an update direction ``u`` (``θ ← θ − η u``)
+  and owns its optimizer state: plain SGD (``u = g``), momentum (``v ← 0.9 v + g``, ``u = v``), Adam
+  (bias-corrected, ``u = m̂ / (√v̂ + ε)``) and AdamW (``u = m̂ / (√v̂ + ε) + λ θ``). The state always
+  comes from the *unmasked* gradient;
+- :class:`ParameterUpdater` applies the rule, then the CNL mask (when a
+  :class:`~cnl.mask.SignReference` is set) to ``u``, then ``θ ← θ − η u``. Registered as
+  post-accumulate-grad hooks, it updates each parameter as soon as its gradient is complete and frees
+  that gradient at once, so no full gradient copy ever stays alive (optimizer-in-backward).
+  Tied weights (an embedding shared with the output head) are one tensor with one hook that fires
+  once, after both uses have added their gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .mask import SignReference
+
+__all__ = ["UpdateRule", "SGDRule", "MomentumRule", "AdamRule", "make_rule", "ParameterUpdater", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+class UpdateRule:
+    """Maps a gradient to an update direction; owns the optimizer state of each parameter."""
+
+    #: True when :meth:`direction` returns the gradient tensor itself (no state, may be masked in place).
+    returns_grad = False
+
+    def __init__(self) -> None:
+        self.state: dict[str, dict[str, Any]] = {}
+
+    def direction(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The update direction ``u`` (a tensor the caller may modify) for one parameter."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state for checkpoints."""
+        return {"state": self.state}
+
+    def load_state_dict(self, sd: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restore :meth:`state_dict` (tensors moved to ``device``)."""
+        self.state = {
+            name: {
+                k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
+                for k, v in s.items()
+            }
+            for name, s in sd["state"].items()
+        }
+
+
+class SGDRule(UpdateRule):
+    """Plain SGD: ``u = g``."""
+
+    returns_grad = True
+
+    def direction(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class MomentumRule(UpdateRule):
+    """Heavy-ball momentum: ``v ← μ v + g`` (unmasked), ``u = v`` (masked copy)."""
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+
+    def direction(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        st = self.state.get(name)
+        if st is None:
+            # First step: v = g (torch.optim.SGD does the same), in fp32.
+            st = self.state[name] = {"v": grad.detach().to(torch.float32, copy=True)}
+        else:
+            st["v"].mul_(self.momentum).add_(grad)
+        return st["v"].clone()
+
+
+class AdamRule(UpdateRule):
+    """Adam (and AdamW with ``weight_decay`` > 0): bias-corrected moments from the unmasked gradient.
+
+    ``u = m̂ / (√v̂ + ε)`` plus ``weight_decay · θ`` for AdamW, so the decay term is masked with the
+    rest of the update, as SPEC §4 states.
+    """
+
+    def __init__(
+        self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+    ):
+        super().__init__()
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+
+    def direction(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {
+                "step": 0,
+                "m": torch.zeros_like(param, dtype=torch.float32),
+                "v": torch.zeros_like(param, dtype=torch.float32),
+            }
+        st["step"] += 1
+        t = st["step"]
+        m, v = st["m"], st["v"]
+        m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        bc1 = 1 - self.beta1**t
+        bc2 = 1 - self.beta2**t
+        denom = (v / bc2).sqrt_().add_(self.eps)
+        u = (m / bc1).div_(denom)
+        if self.weight_decay:
+            u.add_(param.detach(), alpha=self.weight_decay)
+        return u
+
+
+def make_rule(
+    optimizer: str,
+    *,
+    momentum: float = 0.9,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    adamw_weight_decay: float = 0.1,
+) -> UpdateRule:
+    """The rule for an optimizer name (``sgd``, ``momentum``, ``adam``, ``adamw``)."""
+    if optimizer == "sgd":
+        return SGDRule()
+    if optimizer == "momentum":
+        return MomentumRule(momentum)
+    if optimizer == "adam":
+        return AdamRule(beta1, beta2, eps, 0.0)
+    if optimizer == "adamw":
+        return AdamRule(beta1, beta2, eps, adamw_weight_decay)
+    raise ValueError(f"unknown optimizer {optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+class ParameterUpdater:
+    """Applies ``θ ← θ − η · mask(u)`` to named parameters, in the backward pass or after it.
+
+    Args:
+        named_params: the trainable parameters (names are used as optimizer-state keys).
+        rule: the update rule.
+        lr: learning rate η.
+        reference: the CNL sign reference; ``None`` means no mask (plain fine-tuning, LoRA, replay).
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        rule: UpdateRule,
+        lr: float,
+        reference: SignReference | None = None,
+    ) -> None:
+        self.params = [(n, p) for n, p in named_params if p.requires_grad]
+        self.names = {p: n for n, p in self.params}
+        self.rule = rule
+        self.lr = lr
+        self.reference = reference
+        self.enabled = True
+        self.n_elements = sum(p.numel() for _, p in self.params)
+        self._masked: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------------ the update of one parameter
+    @torch.no_grad()
+    def update(self, param: torch.Tensor) -> None:
+        """Update one parameter from its ``.grad`` and free that gradient."""
+        grad = param.grad
+        if grad is None:
+            return
+        name = self.names[param]
+        u = self.rule.direction(name, param, grad)
+        if self.reference is not None and param in self.reference:
+            n = self.reference.mask_(param, u)
+            self._masked = n if self._masked is None else self._masked + n
+        param.sub_(u.to(param.dtype), alpha=self.lr)
+        param.grad = None
+
+    def step(self) -> None:
+        """Update every parameter from its accumulated ``.grad`` (when not in-backward)."""
+        for _, p in self.params:
+            self.update(p)
+
+    # ------------------------------------------------------------------ optimizer-in-backward hooks
+    def attach(self) -> None:
+        """Register post-accumulate-grad hooks so each parameter updates as its gradient is ready."""
+        if self._handles:
+            return
+
+        def hook(p: torch.Tensor) -> None:
+            if self.enabled:
+                self.update(p)
+
+        for _, p in self.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def detach(self) -> None:
+        """Remove the hooks (gradients then accumulate in ``.grad`` as usual)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def pop_masked(self) -> int:
+        """Elements masked since the last call (summed across parameters and steps)."""
+        n = 0 if self._masked is None else int(self._masked)
+        self._masked = None
+        return n

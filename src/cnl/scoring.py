@@ -1,0 +1,234 @@
+"""Prompt, answer tokens, prediction and loss exactly as SPEC §2, batched.
+
+- Prompt: the tokenizer's chat template on one user message (the question), generation prompt added,
+  the template's own default system prompt kept. The rendered text is tokenized *without* special
+  tokens, so a template that prints BOS does not get a second one; a BOS is prepended only for a
+  tokenizer that normally adds one and whose template did not print it. Templates that print
+  today's date (Llama 3.x) get :data:`FIXED_DATE`, so results never depend on the day.
+- Answer token of letter X: the last id of ``encode(X, add_special_tokens=False)``.
+- Prediction: one forward pass; the candidate letter whose answer token has the highest logit at the
+  last prompt position.
+- Loss: cross-entropy over the whole vocabulary at the last prompt position, target = the label's
+  answer token.
+
+Batches are length-sorted and left-padded with explicit position ids, and only the last position's
+logits are computed (``logits_to_keep=1``), so batched scores equal one-at-a-time scores to float
+rounding while costing a fraction of the time and memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import MCRow
+from .errors import CnlError
+
+__all__ = [
+    "FIXED_DATE",
+    "Encoded",
+    "PromptEncoder",
+    "length_sorted_batches",
+    "last_token_logits",
+    "batch_losses",
+    "predict",
+    "Predictions",
+]
+
+#: Date given to chat templates that print one (the Llama 3.x templates' own fallback date).
+FIXED_DATE = "26 Jul 2024"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A question turned into model inputs.
+
+    Attributes:
+        input_ids: prompt token ids (chat template applied, exactly one BOS where the model uses one).
+        target: answer token id of the label (the loss target).
+        candidates: answer token ids of the candidate letters, in ``letters`` order.
+        letters: the candidate letters.
+        label: the correct letter.
+    """
+
+    input_ids: tuple[int, ...]
+    target: int
+    candidates: tuple[int, ...]
+    letters: tuple[str, ...]
+    label: str
+
+
+class PromptEncoder:
+    """Turns :class:`~cnl.data.MCRow` questions into :class:`Encoded` inputs for one tokenizer."""
+
+    def __init__(self, tokenizer, *, fixed_date: str = FIXED_DATE) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise CnlError(
+                "the tokenizer has no chat template; cnl scores instruction-tuned (chat) models, "
+                "whose template builds the prompt (SPEC §2)"
+            )
+        self.tokenizer = tokenizer
+        self.fixed_date = fixed_date
+        self._letter_cache: dict[str, int] = {}
+        bos = tokenizer.bos_token_id
+        self._prepend_bos: int | None = None
+        if bos is not None:
+            with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+            if with_special and with_special[0] == bos:
+                self._prepend_bos = bos
+
+    def prompt_text(self, question: str) -> str:
+        """The chat-template text for one user message, generation prompt added, fixed date."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}],
+            tokenize=False,
+            add_generation_prompt=True,
+            date_string=self.fixed_date,
+        )
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of :meth:`prompt_text`, with exactly one BOS for models that use one."""
+        ids = list(self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"])
+        if self._prepend_bos is not None and (not ids or ids[0] != self._prepend_bos):
+            ids.insert(0, self._prepend_bos)
+        return ids
+
+    def letter_token(self, letter: str) -> int:
+        """Answer token of ``letter``: the last id of its tokenization without special tokens."""
+        if letter not in self._letter_cache:
+            ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise CnlError(f"the tokenizer maps the letter {letter!r} to no token")
+            self._letter_cache[letter] = int(ids[-1])
+        return self._letter_cache[letter]
+
+    def encode(self, row: MCRow) -> Encoded:
+        """Encode one question."""
+        candidates = tuple(self.letter_token(x) for x in row.letters)
+        if len(set(candidates)) != len(candidates):
+            raise CnlError(f"letters {row.letters} do not map to distinct answer tokens with this tokenizer")
+        return Encoded(
+            input_ids=tuple(self.prompt_ids(row.question)),
+            target=self.letter_token(row.label),
+            candidates=candidates,
+            letters=row.letters,
+            label=row.label,
+        )
+
+    def encode_all(self, rows: Sequence[MCRow]) -> list[Encoded]:
+        """Encode many questions (tokenization is cheap next to a forward pass)."""
+        return [self.encode(r) for r in rows]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (so memory peaks show early)."""
+    if batch_size < 1:
+        raise CnlError(f"batch size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def last_token_logits(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
+    """Logits ``[len(seqs), vocab]`` at the last position of each sequence, in one forward pass.
+
+    Sequences are left-padded; position ids count real tokens only, so every row sees exactly the
+    positions it would see alone. Gradients flow when grad mode is enabled.
+    """
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs: dict = {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+        "use_cache": False,
+    }
+    if _supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
+    logits = model(**kwargs).logits
+    return logits[:, -1, :]
+
+
+def batch_losses(model: torch.nn.Module, batch: Sequence[Encoded], pad_id: int = 0) -> torch.Tensor:
+    """Per-sample SPEC losses ``[len(batch)]``: full-vocabulary cross-entropy at the last position."""
+    logits = last_token_logits(model, [e.input_ids for e in batch], pad_id)
+    targets = torch.tensor([e.target for e in batch], device=logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@dataclass
+class Predictions:
+    """Model answers for a list of questions, in input order.
+
+    Attributes:
+        letters: predicted letter per question.
+        correct: whether the prediction equals the label.
+        candidate_logits: logits of the candidate letters' answer tokens (for inspection).
+    """
+
+    letters: list[str]
+    correct: list[bool]
+    candidate_logits: list[list[float]]
+
+    @property
+    def n_correct(self) -> int:
+        return sum(self.correct)
+
+
+def iter_batches(encoded: Sequence[Encoded], batch_size: int) -> Iterator[list[int]]:
+    """Length-sorted batches of indices into ``encoded``."""
+    yield from length_sorted_batches([len(e.input_ids) for e in encoded], batch_size)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    encoded: Sequence[Encoded],
+    *,
+    batch_size: int = 16,
+    pad_id: int = 0,
+    desc: str | None = "scoring",
+    progress: bool | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Predictions:
+    """SPEC §2 prediction for every question: argmax over candidate answer tokens, batched.
+
+    ``progress=None`` shows a bar only on a terminal; ``on_batch`` is told how many questions each
+    finished batch held (used by callers with their own progress display).
+    """
+    was_training = model.training
+    model.eval()
+    letters: list[str] = [""] * len(encoded)
+    cand: list[list[float]] = [[] for _ in encoded]
+    bar = tqdm(total=len(encoded), desc=desc, unit="q", disable=(progress is False) or None, leave=False)
+    try:
+        for idx in iter_batches(encoded, batch_size):
+            logits = last_token_logits(model, [encoded[i].input_ids for i in idx], pad_id).float()
+            for row, i in enumerate(idx):
+                e = encoded[i]
+                c = logits[row, list(e.candidates)]
+                letters[i] = e.letters[int(torch.argmax(c))]
+                cand[i] = c.tolist()
+            bar.update(len(idx))
+            if on_batch is not None:
+                on_batch(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    correct = [letters[i] == e.label for i, e in enumerate(encoded)]
+    return Predictions(letters=letters, correct=correct, candidate_logits=cand)

@@ -1,0 +1,133 @@
+"""Which question set plays which role in each setting (SPEC §4 settings table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DataConfig
+from .data import DataError
+from .errors import ConfigError
+from .split import read_split_manifest
+
+__all__ = ["SetRoles", "resolve_set_files", "roles_for"]
+
+# set name -> DataConfig field / split.json part
+_PARTS = {
+    "mastered": "correct",
+    "injection": "wrong",
+    "mastered1": "correct1",
+    "mastered2": "correct2",
+    "injection1": "wrong1",
+    "injection2": "wrong2",
+}
+
+
+@dataclass(frozen=True)
+class SetRoles:
+    """The roles of a setting.
+
+    Attributes:
+        setting: the setting's name.
+        reference: set whose mean gradient is the CNL reference (None: not needed).
+        train: sets trained on, concatenated (replay shuffles them once).
+        learn: set on which learning (wrong → correct) is counted.
+        forget: set on which forgetting (correct → wrong) is counted.
+        learn_column / forget_column: the summary.csv column names of SPEC §4.
+    """
+
+    setting: str
+    reference: str | None
+    train: tuple[str, ...]
+    learn: str
+    forget: str
+    learn_column: str
+    forget_column: str
+
+    def needed(self) -> list[str]:
+        """Every set this setting reads, without repeats."""
+        names = [self.reference, *self.train, self.learn, self.forget]
+        return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def roles_for(setting: str, method: str) -> SetRoles:
+    """Roles for a setting and method; the replay method always uses the replay setting."""
+    masked = method == "cnl"
+    if method == "replay":
+        setting = "replay"
+    if setting == "in-set":
+        return SetRoles(
+            setting,
+            "mastered" if masked else None,
+            ("injection",),
+            "injection",
+            "mastered",
+            "wrong_to_correct",
+            "correct_to_wrong",
+        )
+    if setting == "replay":
+        return SetRoles(
+            setting,
+            None,
+            ("injection", "mastered1"),
+            "injection",
+            "mastered2",
+            "wrong_to_correct",
+            "correct2_to_wrong",
+        )
+    if setting == "ood-correct":
+        return SetRoles(
+            setting,
+            "mastered1" if masked else None,
+            ("injection",),
+            "injection",
+            "mastered2",
+            "wrong_to_correct",
+            "correct2_to_wrong",
+        )
+    if setting == "ood-wrong":
+        return SetRoles(
+            setting,
+            "mastered" if masked else None,
+            ("injection1",),
+            "injection2",
+            "mastered",
+            "wrong2_to_correct",
+            "correct_to_wrong",
+        )
+    raise ConfigError(f"unknown setting {setting!r} (choose from in-set, ood-correct, ood-wrong)")
+
+
+def resolve_set_files(data: DataConfig, roles: SetRoles) -> dict[str, Path]:
+    """Paths of every set the roles need, from ``--split DIR`` or the explicit file flags.
+
+    Raises a :class:`DataError` naming every missing file (and how to provide it) before any work.
+    """
+    given = {name: getattr(data, name) for name in _PARTS}
+    if data.split is not None:
+        if any(v is not None for v in given.values()):
+            raise ConfigError(
+                "give either --split DIR or explicit set files (--mastered, --injection, ...), not both"
+            )
+        result = read_split_manifest(data.split)
+        files = result.manifest["files"]
+        paths = {name: result.out_dir / files[part]["file"] for name, part in _PARTS.items() if part in files}
+        origin = f"split directory {data.split}"
+    else:
+        if given["mastered"] is None and given["injection"] is None:
+            raise ConfigError(
+                "no data: give --split DIR (from 'cnl split') or --mastered FILE --injection FILE"
+            )
+        paths = {name: Path(v) for name, v in given.items() if v is not None}
+        origin = "the command line"
+    missing = [n for n in roles.needed() if n not in paths]
+    if missing:
+        flags = " ".join(f"--{n} FILE" for n in missing)
+        raise ConfigError(
+            f"setting '{roles.setting}' needs the {', '.join(missing)} set(s), which {origin} does not give: "
+            f"pass {flags}, or use --split DIR from 'cnl split' (it writes every half)"
+        )
+    absent = [f"{n} ({paths[n]})" for n in roles.needed() if not paths[n].is_file()]
+    if absent:
+        raise DataError(f"set file(s) not found: {', '.join(absent)}")
+    return {n: paths[n] for n in roles.needed()}
