@@ -35,12 +35,10 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _load_model(cfg: ModelConfig):
-    from .models import load_model_and_tokenizer
+    from .models import load_from_config
 
     t0 = time.perf_counter()
-    model, tokenizer, source = load_model_and_tokenizer(
-        cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
-    )
+    model, tokenizer, source = load_from_config(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     device = next(model.parameters()).device
     print(
@@ -74,6 +72,10 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     cfg = _model_config(args)
     rows, tag = resolve_dataset(args.dataset, limit=args.limit)  # validated before the model loads
+    if args.batch_size < 1:
+        raise CnlError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out.exists() and not args.out.is_dir():
+        raise CnlError(f"--out {args.out}: exists and is not a directory")
     model, tokenizer, source = _load_model(cfg)
     result = run_split(
         rows,
@@ -266,7 +268,8 @@ def _add_placeholders(sub: argparse._SubParsersAction, have: set[str]) -> None:
             continue
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(handler=_not_yet(verb, "coming in a later release"))
+        # placeholder=True: any further arguments (options included) are accepted and ignored.
+        p.set_defaults(handler=_not_yet(verb, "coming in a later release"), placeholder=True)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -289,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnl`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "placeholder", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args) or 0)
     except CnlError as e:

@@ -49,6 +49,9 @@ class ModelConfig:
     """Torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run (off: never executed unless asked)."""
+    flush_denormal: bool = True
+    """Treat denormal floats (below 1.2e-38) as zero on the CPU: about 3x faster fp32 passes on many
+    CPUs; off reproduces strict IEEE arithmetic."""
 
 
 @functools.cache

@@ -32,12 +32,15 @@ __all__ = [
     "take_limit",
     "split_halves",
     "HALVES_SEED",
+    "HALVES_GROUP_KEY",
     "rows_from_dicts",
     "resolve_dataset",
 ]
 
 #: Seed of the published halving (SPEC §3): ``random.Random(42).shuffle``, first ceil(n/2) rows = part 1.
 HALVES_SEED = 42
+#: Field whose values halve separately (the published mmlu halves are split per ``subject``).
+HALVES_GROUP_KEY = "subject"
 
 # An option line: a capital letter, a colon, then the option text ("A: light"). The published sets use
 # exactly this form; the text may be empty only in malformed data, which validation reports.
@@ -173,15 +176,42 @@ def take_limit(rows: Sequence[MCRow], limit: int | None) -> list[MCRow]:
     return list(rows[:limit])
 
 
-def split_halves(rows: Sequence[Any], seed: int = HALVES_SEED) -> tuple[list[Any], list[Any]]:
-    """SPEC §3 halves: shuffle a copy with ``random.Random(seed)``; first ceil(n/2) rows, then the rest.
+def _group_value(row: Any, key: str) -> Any:
+    """``row[key]`` for a dict or an :class:`MCRow` (its ``raw`` object); None when absent."""
+    obj = row.raw if isinstance(row, MCRow) else row
+    return obj.get(key) if isinstance(obj, dict) else None
 
-    This reproduces the published ``correct1/correct2`` and ``wrong1/wrong2`` files exactly.
+
+def split_halves(
+    rows: Sequence[Any], seed: int = HALVES_SEED, group_key: str | None = HALVES_GROUP_KEY
+) -> tuple[list[Any], list[Any]]:
+    """SPEC §3 halves: shuffle with ``random.Random(seed)``; first ceil(n/2) rows, then the rest.
+
+    Rows that carry a ``group_key`` field (``subject``, as the published mmlu files do) are halved
+    within each group, as the published implementation does: one ``random.Random(seed)`` shuffles
+    each group in turn (groups in order of first appearance), the first ceil(n_g/2) rows of every
+    group go to part 1, the rest to part 2, groups concatenated. Rows without the field form one
+    group, so for them this is exactly one shuffle of the whole list. ``group_key=None`` always
+    shuffles the whole list. This reproduces the published ``correct1/correct2`` and
+    ``wrong1/wrong2`` files of all four datasets exactly.
     """
-    shuffled = list(rows)
-    random.Random(seed).shuffle(shuffled)
-    k = math.ceil(len(shuffled) / 2)
-    return shuffled[:k], shuffled[k:]
+    groups: dict[Any, list[Any]] = {}
+    for row in rows:
+        key = _group_value(row, group_key) if group_key is not None else None
+        try:
+            groups.setdefault(key, []).append(row)
+        except TypeError:  # an unhashable field value: group by its JSON text
+            groups.setdefault(json.dumps(key, sort_keys=True, default=str), []).append(row)
+    rng = random.Random(seed)
+    first: list[Any] = []
+    second: list[Any] = []
+    for members in groups.values():
+        shuffled = list(members)
+        rng.shuffle(shuffled)
+        k = math.ceil(len(shuffled) / 2)
+        first.extend(shuffled[:k])
+        second.extend(shuffled[k:])
+    return first, second
 
 
 def resolve_dataset(name_or_path: str, *, limit: int | None = None) -> tuple[list[MCRow], str]:

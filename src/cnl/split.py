@@ -87,6 +87,9 @@ def run_split(
     w1, w2 = split_halves(wrong)
     parts = {"correct": correct, "wrong": wrong, "correct1": c1, "correct2": c2, "wrong1": w1, "wrong2": w2}
 
+    # A manifest left by an earlier run into the same directory would vouch for files this run is
+    # about to replace; remove it first, so that an interrupted run leaves no complete-looking split.
+    (out / MANIFEST).unlink(missing_ok=True)
     files: dict[str, dict[str, Any]] = {}
     for part in SPLIT_PARTS:
         name = split_file_name(dataset_tag, part, model_tag)

@@ -271,6 +271,8 @@ def train(
             raise ConfigError(f"the training set {name} ({files[name]}) is empty: nothing to inject")
 
     paths = RunPaths(Path(out_dir))
+    if paths.root.exists() and not paths.root.is_dir():
+        raise ConfigError(f"{paths.root} exists and is not a directory; choose another --out")
     resolved = {
         "train": to_dict(cfg),
         "data": {k: (str(v) if v is not None else None) for k, v in to_dict(data).items()},
@@ -332,6 +334,26 @@ def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_inf
     new_sets = {k: v["sha256"] for k, v in set_info.items()}
     if old_sets != new_sets:
         raise ConfigError("--resume with different set files than the run was started with")
+    # The checkpoint holds only the trainable weights (LoRA: the adapters), so a different base model
+    # or dtype would silently continue on other weights. The device may change.
+    old_model = previous["config"].get("model") or {}
+    new_model = resolved["model"]
+    mdiff = [k for k in ("model", "dtype") if not _same_model_value(k, old_model.get(k), new_model.get(k))]
+    if mdiff:
+        raise ConfigError(
+            "--resume with a different model: "
+            + ", ".join(f"{k} was {old_model.get(k)!r}, now {new_model.get(k)!r}" for k in mdiff)
+        )
+
+
+def _same_model_value(key: str, old: Any, new: Any) -> bool:
+    """Equal, or (for ``model``) two spellings of the same existing local path."""
+    if old == new:
+        return True
+    if key == "model" and old and new:
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
 
 
 def _read_summary_rows(paths: RunPaths) -> list[dict[str, Any]]:
@@ -367,14 +389,9 @@ def _run(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if model is None:
-        from .models import load_model_and_tokenizer
+        from .models import load_from_config
 
-        model, tokenizer, source = load_model_and_tokenizer(
-            model_cfg.model,
-            dtype=model_cfg.dtype,
-            device=model_cfg.device,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        model, tokenizer, source = load_from_config(model_cfg)
         model_tag = source.tag
     assert tokenizer is not None
     if cfg.method == "lora":

@@ -1,0 +1,284 @@
+"""The analyses of SPEC §5: which parameters collaborate or conflict, and why questions are forgotten.
+
+- :func:`neuron_statistics`: at given parameters, the mean gradients over M and over I and, per
+  element, s = g_M · g_I; elements with s ≥ 0 collaborate, s < 0 conflict. Proportions and the share
+  of the injection gradient's magnitude Σ|g_I| that each class carries, overall, per layer, per
+  module kind and per layer × kind. Only the sign of g_M is kept (a quarter byte per element) while
+  g_I is accumulated, so at most one full-size gradient buffer exists besides the model.
+- :func:`gradient_distance`: at the base parameters, g_I' = mean gradient over the injection
+  questions an ``ft`` run still got wrong at its final epoch, and for every mastered question
+  d_m = ∇L_m · g_I'. Each d_m is summed parameter by parameter inside post-accumulate-grad hooks, so
+  no per-question gradient is kept besides the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .reference import accumulate_mean_gradient, reference_sign
+from .scoring import Encoded, batch_losses
+
+__all__ = [
+    "MODULE_KINDS",
+    "classify_parameter",
+    "ClassCounts",
+    "neuron_statistics",
+    "gradient_distance",
+    "distance_table",
+    "thirds_follow_up",
+]
+
+#: Module kinds in report order.
+MODULE_KINDS = (
+    "embedding",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "norm",
+    "output_head",
+    "other",
+)
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def classify_parameter(name: str) -> tuple[int | None, str]:
+    """``(layer index or None, module kind)`` of a parameter name such as
+    ``model.layers.3.self_attn.q_proj.weight``."""
+    m = _LAYER_RE.search(name)
+    layer = int(m.group(1)) if m else None
+    parts = name.split(".")
+    for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        if kind in parts:
+            return layer, kind
+    if "embed_tokens" in parts or "wte" in parts or "embeddings" in parts:
+        return layer, "embedding"
+    if "lm_head" in parts:
+        return layer, "output_head"
+    if any("norm" in p for p in parts):
+        return layer, "norm"
+    return layer, "other"
+
+
+@dataclass
+class ClassCounts:
+    """Collaborative/conflicting element counts and injection-gradient magnitudes of a group."""
+
+    elements: int = 0
+    conflicting: int = 0
+    abs_total: float = 0.0
+    abs_conflicting: float = 0.0
+
+    def add(self, other: ClassCounts) -> None:
+        self.elements += other.elements
+        self.conflicting += other.conflicting
+        self.abs_total += other.abs_total
+        self.abs_conflicting += other.abs_conflicting
+
+    def as_row(self) -> dict[str, Any]:
+        collab = self.elements - self.conflicting
+        abs_collab = self.abs_total - self.abs_conflicting
+        return {
+            "elements": self.elements,
+            "collaborative": collab,
+            "conflicting": self.conflicting,
+            "collaborative_fraction": collab / self.elements if self.elements else 0.0,
+            "conflicting_fraction": self.conflicting / self.elements if self.elements else 0.0,
+            "collaborative_grad_share": abs_collab / self.abs_total if self.abs_total > 0 else 0.0,
+            "conflicting_grad_share": self.abs_conflicting / self.abs_total if self.abs_total > 0 else 0.0,
+        }
+
+
+@dataclass
+class NeuronStatistics:
+    """Result of :func:`neuron_statistics`: counts per parameter and their groupings."""
+
+    per_parameter: dict[str, ClassCounts]
+    mastered_loss: float = 0.0
+    injection_loss: float = 0.0
+    groups: dict[str, Any] = field(default_factory=dict)
+
+    def overall(self) -> ClassCounts:
+        total = ClassCounts()
+        for c in self.per_parameter.values():
+            total.add(c)
+        return total
+
+    def grouped(self) -> dict[str, Any]:
+        """Rows per layer, per kind and per layer × kind (layer ``None`` = outside the blocks)."""
+        per_layer: dict[Any, ClassCounts] = {}
+        per_kind: dict[str, ClassCounts] = {}
+        per_cell: dict[tuple[Any, str], ClassCounts] = {}
+        for name, c in self.per_parameter.items():
+            layer, kind = classify_parameter(name)
+            for table, key in ((per_layer, layer), (per_kind, kind), (per_cell, (layer, kind))):
+                table.setdefault(key, ClassCounts()).add(c)
+        layer_order = sorted(per_layer, key=lambda x: (x is None, x if x is not None else 0))
+        return {
+            "overall": self.overall().as_row(),
+            "per_layer": [{"layer": k, **per_layer[k].as_row()} for k in layer_order],
+            "per_kind": [{"kind": k, **per_kind[k].as_row()} for k in MODULE_KINDS if k in per_kind],
+            "per_layer_kind": [
+                {"layer": layer, "kind": kind, **per_cell[(layer, kind)].as_row()}
+                for layer in layer_order
+                for kind in MODULE_KINDS
+                if (layer, kind) in per_cell
+            ],
+        }
+
+
+def neuron_statistics(
+    model: torch.nn.Module,
+    mastered: Sequence[Encoded],
+    injection: Sequence[Encoded],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool | None = None,
+) -> NeuronStatistics:
+    """Collaborative vs conflicting elements at the model's current parameters (SPEC §5)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no parameter that requires grad")
+    params = [p for _, p in named]
+    sign_m, loss_m = reference_sign(model, mastered, params, batch_size=batch_size, pad_id=pad_id, progress=progress)
+    for p in params:
+        p.grad = None
+    loss_i = accumulate_mean_gradient(
+        model, injection, batch_size=batch_size, pad_id=pad_id, desc="injection", progress=progress
+    )
+    stats: dict[str, ClassCounts] = {}
+    with torch.no_grad():
+        for name, p in named:  # stream: one parameter's comparison at a time
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            conflict = sign_m.conflict(p, g)
+            a = g.abs()
+            stats[name] = ClassCounts(
+                elements=p.numel(),
+                conflicting=int(conflict.sum()),
+                abs_total=float(a.sum(dtype=torch.float64)),
+                abs_conflicting=float((a * conflict).sum(dtype=torch.float64)),
+            )
+            p.grad = None
+    return NeuronStatistics(per_parameter=stats, mastered_loss=loss_m, injection_loss=loss_i)
+
+
+def gradient_distance(
+    model: torch.nn.Module,
+    mastered: Sequence[Encoded],
+    still_wrong: Sequence[Encoded],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool | None = None,
+) -> list[float]:
+    """d_m = ∇L_m · g_I' for every mastered question (SPEC §5), at the model's current parameters."""
+    if not still_wrong:
+        raise ValueError("I' is empty: the ft run learned every injection question, nothing to compare with")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    accumulate_mean_gradient(model, still_wrong, batch_size=batch_size, pad_id=pad_id, desc="g_I'", progress=progress)
+    mean = {p: (p.grad if p.grad is not None else torch.zeros_like(p)) for p in params}
+    for p in params:
+        p.grad = None
+
+    acc: list[torch.Tensor] = []
+
+    def hook(p: torch.Tensor) -> None:
+        with torch.no_grad():
+            acc.append((p.grad * mean[p]).sum(dtype=torch.float64))
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+    dots: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for e in tqdm(mastered, desc="d_m", unit="q", disable=(progress is False) or None, leave=False):
+            acc.clear()
+            batch_losses(model, [e], pad_id)[0].backward()
+            dots.append(float(torch.stack(acc).sum()) if acc else 0.0)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        mean.clear()
+    return dots
+
+
+def distance_table(dots: Sequence[float], forgotten: Sequence[bool]) -> list[dict[str, Any]]:
+    """Rows ``dot < 0`` and ``dot >= 0``: total, forgotten, forgotten ratio."""
+    rows = []
+    for label, pick in (("dot < 0", lambda d: d < 0), ("dot >= 0", lambda d: d >= 0)):
+        idx = [i for i, d in enumerate(dots) if pick(d)]
+        n_f = sum(1 for i in idx if forgotten[i])
+        rows.append(
+            {"group": label, "total": len(idx), "forgotten": n_f, "forgotten_ratio": n_f / len(idx) if idx else None}
+        )
+    return rows
+
+
+def thirds_follow_up(dots: Sequence[float], forgotten: Sequence[bool]) -> dict[str, Any]:
+    """Among d < 0, sorted by |d|: forgotten ratio of the smallest-|d| third vs the largest-|d| third.
+
+    Each third holds floor(n/3) questions; with fewer than three negative dot products there is no
+    comparison and the result says so.
+    """
+    neg = sorted((abs(d), bool(forgotten[i])) for i, d in enumerate(dots) if d < 0)
+    n = len(neg)
+    if n < 3:
+        return {"negatives": n, "available": False, "reason": f"only {n} question(s) with dot < 0; need at least 3"}
+    k = n // 3
+    small, large = neg[:k], neg[-k:]
+
+    def ratio(part: list[tuple[float, bool]]) -> float:
+        return sum(f for _, f in part) / len(part)
+
+    return {
+        "negatives": n,
+        "available": True,
+        "third_size": k,
+        "smallest_abs_third": {
+            "max_abs_dot": small[-1][0],
+            "forgotten": sum(f for _, f in small),
+            "forgotten_ratio": ratio(small),
+        },
+        "largest_abs_third": {
+            "min_abs_dot": large[0][0],
+            "forgotten": sum(f for _, f in large),
+            "forgotten_ratio": ratio(large),
+        },
+    }
+
+
+def quantile_bins(dots: Sequence[float], forgotten: Sequence[bool], bins: int = 10) -> list[dict[str, Any]]:
+    """Questions grouped into equal-count bins of d: mean d and forgotten ratio per bin (for the figure)."""
+    order = sorted(range(len(dots)), key=lambda i: dots[i])
+    n = len(order)
+    if n == 0:
+        return []
+    bins = max(1, min(bins, n))
+    out = []
+    for b in range(bins):
+        part = order[math.floor(b * n / bins) : math.floor((b + 1) * n / bins)]
+        if not part:
+            continue
+        out.append(
+            {
+                "mean_dot": sum(dots[i] for i in part) / len(part),
+                "count": len(part),
+                "forgotten_ratio": sum(forgotten[i] for i in part) / len(part),
+            }
+        )
+    return out
