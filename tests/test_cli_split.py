@@ -1,4 +1,4 @@
-"""End-to-end tests of the ``cnl`` command (split, data prepare, help, placeholders), run in-process."""
+"""End-to-end tests of the ``cnl`` command (split, data prepare, help, and usage errors), run in-process."""
 
 from __future__ import annotations
 
@@ -383,16 +383,6 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert run_cli(["--version"]) == 0
     assert __version__ in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "argv", [["analyze"], ["report"], ["analyze", "--anything", "x"], ["report", "runs/"]]
-)
-def test_placeholder_verbs(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(argv) == 2
-    err = capsys.readouterr().err
-    assert "not available yet" in err and f"cnl {argv[0]}" in err
-    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -282,3 +282,109 @@ def quantile_bins(dots: Sequence[float], forgotten: Sequence[bool], bins: int = 
             }
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------- outputs
+_NEURON_COLUMNS = (
+    "scope",
+    "layer",
+    "kind",
+    "elements",
+    "collaborative",
+    "conflicting",
+    "collaborative_fraction",
+    "conflicting_fraction",
+    "collaborative_grad_share",
+    "conflicting_grad_share",
+)
+
+
+def write_neuron_outputs(stats: NeuronStatistics, out_dir: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``neurons.json``, ``neurons.csv`` and ``neurons_heatmap.png``; return the JSON content."""
+    from pathlib import Path
+
+    from .io import atomic_write_csv, atomic_write_json
+
+    out = Path(out_dir)
+    grouped = stats.grouped()
+    content = {**meta, "mastered_loss": stats.mastered_loss, "injection_loss": stats.injection_loss, **grouped}
+    atomic_write_json(out / "neurons.json", content)
+    rows = [["overall", "", "", *[grouped["overall"][c] for c in _NEURON_COLUMNS[3:]]]]
+    for r in grouped["per_layer"]:
+        rows.append(["layer", _layer_name(r["layer"]), "", *[r[c] for c in _NEURON_COLUMNS[3:]]])
+    for r in grouped["per_kind"]:
+        rows.append(["kind", "", r["kind"], *[r[c] for c in _NEURON_COLUMNS[3:]]])
+    for r in grouped["per_layer_kind"]:
+        rows.append(["layer_kind", _layer_name(r["layer"]), r["kind"], *[r[c] for c in _NEURON_COLUMNS[3:]]])
+    atomic_write_csv(out / "neurons.csv", _NEURON_COLUMNS, rows)
+    plot_conflict_heatmap(grouped, out / "neurons_heatmap.png")
+    return content
+
+
+def _layer_name(layer: int | None) -> str:
+    return "outside" if layer is None else str(layer)
+
+
+def plot_conflict_heatmap(grouped: dict[str, Any], path: Any) -> Any:
+    """Heatmap of the conflicting proportion per layer (rows) × module kind (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .io import atomic_save
+
+    cells = grouped["per_layer_kind"]
+    layers = list(dict.fromkeys(_layer_name(c["layer"]) for c in cells))
+    kinds = [k for k in MODULE_KINDS if any(c["kind"] == k for c in cells)]
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for c in cells:
+        grid[layers.index(_layer_name(c["layer"])), kinds.index(c["kind"])] = c["conflicting_fraction"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(kinds), 1.5 + 0.22 * len(layers)))
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_ylabel("layer")
+    overall = grouped["overall"]["conflicting_fraction"]
+    ax.set_title(f"conflicting proportion (g_M·g_I < 0); overall {overall:.1%}")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return fig
+
+
+def plot_distance(bins: list[dict[str, Any]], table: list[dict[str, Any]], path: Any) -> Any:
+    """Forgotten ratio against the dot product d_m (equal-count bins), with the sign split marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_save
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [b["mean_dot"] for b in bins]
+    ys = [b["forgotten_ratio"] for b in bins]
+    ax.plot(xs, ys, marker="o", label="equal-count bins of d_m")
+    ax.axvline(0.0, color="grey", ls="--", lw=1)
+    for row, color in zip(table, ("tab:red", "tab:green"), strict=True):
+        if row["forgotten_ratio"] is not None:
+            ax.axhline(
+                row["forgotten_ratio"],
+                color=color,
+                ls=":",
+                lw=1.5,
+                label=f"{row['group']}: {row['forgotten']}/{row['total']} forgotten",
+            )
+    ax.set_xscale("symlog", linthresh=max(1e-12, min((abs(x) for x in xs if x != 0), default=1.0)))
+    ax.set_xlabel("d_m = ∇L_m · g_I'  (mean of the bin)")
+    ax.set_ylabel("forgotten ratio")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return fig

@@ -56,9 +56,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=No
     out = file or sys.stdout
     for k, r in enumerate(cells):
         print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            ),
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))),
             file=out,
         )
         if k == 0:
@@ -93,9 +91,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         f"({m['questions_per_second']} q/s, {m['seconds']:.1f}s)"
     )
     print(f"mastered M = {result.n_correct}, injection I = {result.n_wrong}\n")
-    print_table(
-        ["part", "count", "file"], [[p, m["files"][p]["count"], m["files"][p]["file"]] for p in SPLIT_PARTS]
-    )
+    print_table(["part", "count", "file"], [[p, m["files"][p]["count"], m["files"][p]["file"]] for p in SPLIT_PARTS])
     hist = ", ".join(f"{k}: {v}" for k, v in m["predicted_letters"].items())
     print(f"\npredicted letters: {hist}")
     print(f"written to {Path(args.out)}/ (manifest split.json)")
@@ -109,15 +105,11 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         description="Score every question with the model (SPEC §2) and write the mastered set M "
         "(answered correctly) and the injection set I (answered wrongly), their halves, and split.json.",
     )
-    p.add_argument(
-        "--dataset", required=True, help="named dataset (csqa, arc_c, medqa, mmlu) or a JSONL file"
-    )
+    p.add_argument("--dataset", required=True, help="named dataset (csqa, arc_c, medqa, mmlu) or a JSONL file")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick runs)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
-    add_dataclass_arguments(
-        p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model"
-    )
+    add_dataclass_arguments(p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
     p.set_defaults(handler=cmd_split)
 
 
@@ -143,9 +135,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     pp.add_argument("name", choices=("csqa", "arc_c", "medqa", "mmlu"))
     pp.add_argument("--out", required=True, type=Path, help="output JSONL file")
-    pp.add_argument(
-        "--max-options", type=int, default=4, help="drop distractors (fixed seed) down to this many"
-    )
+    pp.add_argument("--max-options", type=int, default=4, help="drop distractors (fixed seed) down to this many")
     pp.add_argument("--all-options", action="store_true", help="keep every option (overrides --max-options)")
     pp.add_argument("--source", choices=("auto", "hub", "offline"), default="auto", help="where to read from")
     pp.set_defaults(handler=cmd_data_prepare)
@@ -171,9 +161,7 @@ def resolve_train_configs(
         if set(raw) & sections:  # a run's config.yaml (or hand-written sections)
             unknown = set(raw) - sections
             if unknown:
-                raise ConfigError(
-                    f"{args.config}: unknown section(s) {sorted(unknown)} (expected train, data, model)"
-                )
+                raise ConfigError(f"{args.config}: unknown section(s) {sorted(unknown)} (expected train, data, model)")
             file_train, file_data, file_model = (dict(raw.get(k) or {}) for k in ("train", "data", "model"))
         else:
             file_train = raw
@@ -220,18 +208,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "forgotten (SPEC §4). Values come from the dataclass defaults, then the preset (the model's own by "
         "default), then --config, then these flags.",
     )
-    p.add_argument(
-        "--out", required=True, type=Path, help="run directory (summary.csv, predictions, log, config)"
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out after its last finished epoch"
-    )
-    p.add_argument(
-        "--preset", default=None, help="hyperparameter preset (default: the one named like the model)"
-    )
-    p.add_argument(
-        "--config", type=Path, default=None, help="YAML file of options (e.g. a run's config.yaml)"
-    )
+    p.add_argument("--out", required=True, type=Path, help="run directory (summary.csv, predictions, log, config)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    p.add_argument("--preset", default=None, help="hyperparameter preset (default: the one named like the model)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of options (e.g. a run's config.yaml)")
     add_dataclass_arguments(
         p,
         TrainConfig,
@@ -244,32 +224,362 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         group_title="training",
     )
     add_dataclass_arguments(p, DataConfig, group_title="data")
-    add_dataclass_arguments(
-        p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model"
-    )
+    add_dataclass_arguments(p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
     p.set_defaults(handler=cmd_train)
 
 
-# ------------------------------------------------------------------------------------ not yet
-def _not_yet(verb: str, issue: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        raise CnlError(f"'cnl {verb}' is not available yet ({issue}); available now: split, data prepare")
+# --------------------------------------------------------------------------------------- analyze
+def _encode_sets(tokenizer, files: dict[str, Path], names: Sequence[str]):
+    from .data import read_mc_jsonl
+    from .scoring import PromptEncoder
 
-    return handler
+    enc = PromptEncoder(tokenizer)
+    rows = {n: read_mc_jsonl(files[n]) for n in names}
+    return rows, {n: enc.encode_all(r) for n, r in rows.items()}
 
 
-def _add_placeholders(sub: argparse._SubParsersAction, have: set[str]) -> None:
-    for verb, text in (
-        ("train", "train CNL or a baseline on the injection set (not available yet)"),
-        ("analyze", "collaborative/conflicting parameters and forgetting analyses (not available yet)"),
-        ("report", "tables and plots comparing runs (not available yet)"),
-    ):
-        if verb in have:
-            continue
-        p = sub.add_parser(verb, help=text, description=text)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        # placeholder=True: any further arguments (options included) are accepted and ignored.
-        p.set_defaults(handler=_not_yet(verb, "coming in a later release"), placeholder=True)
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def cmd_analyze_neurons(args: argparse.Namespace) -> int:
+    from .analyze import neuron_statistics, write_neuron_outputs
+    from .data import read_mc_jsonl
+    from .sets import resolve_set_files, roles_for
+
+    cfg = _model_config(args)
+    data = build_config(DataConfig, ("command line", values_from_namespace(args, DataConfig)))
+    files = resolve_set_files(data, roles_for("in-set", "cnl"))  # needs M and I
+    for name in ("mastered", "injection"):
+        if not read_mc_jsonl(files[name]):  # validated before the model loads
+            raise CnlError(f"{files[name]}: the {name} set is empty")
+    _check_batch_size(args.batch_size)
+    model, tokenizer, source = _load_model(cfg)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    rows, enc = _encode_sets(tokenizer, files, ("mastered", "injection"))
+    t0 = time.perf_counter()
+    stats = neuron_statistics(
+        model, enc["mastered"], enc["injection"], batch_size=args.batch_size, pad_id=_pad_id(tokenizer)
+    )
+    meta = {
+        "model": source.tag,
+        "model_source": source.path_or_id,
+        "mastered": {"file": str(files["mastered"]), "count": len(rows["mastered"])},
+        "injection": {"file": str(files["injection"]), "count": len(rows["injection"])},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    content = write_neuron_outputs(stats, args.out, meta)
+    o = content["overall"]
+    print(
+        f"\n{source.tag}: {o['elements'] / 1e6:.2f}M parameters; "
+        f"|M| = {len(rows['mastered'])}, |I| = {len(rows['injection'])}"
+    )
+    print(
+        f"collaborative {o['collaborative_fraction']:.1%} (carries {o['collaborative_grad_share']:.1%} of sum|g_I|), "
+        f"conflicting {o['conflicting_fraction']:.1%} (carries {o['conflicting_grad_share']:.1%})\n"
+    )
+    print_table(
+        ["kind", "elements", "conflicting", "share of |g_I|"],
+        [
+            [r["kind"], r["elements"], f"{r['conflicting_fraction']:.1%}", f"{r['conflicting_grad_share']:.1%}"]
+            for r in content["per_kind"]
+        ],
+    )
+    print(f"\nwritten to {args.out}/ (neurons.json, neurons.csv, neurons_heatmap.png)")
+    return 0
+
+
+def cmd_analyze_distance(args: argparse.Namespace) -> int:
+    from .analyze import distance_table, gradient_distance, plot_distance, quantile_bins, thirds_follow_up
+    from .data import read_mc_jsonl
+    from .io import atomic_write_csv, atomic_write_json, atomic_write_jsonl
+    from .report import load_run_record
+    from .train import RunPaths
+
+    run = load_run_record(args.ft_run)
+    info = run.info
+    if info["method"] != "ft":
+        print(f"note: {args.ft_run} is a {info['method']} run; SPEC §5 uses an ft run", file=sys.stderr)
+    paths = RunPaths(Path(args.ft_run))
+    final = run.epochs[-1]
+    learn, forget = info["learn_set"], info["forget_set"]
+    learn_rows = read_mc_jsonl(info["sets"][learn]["file"])
+    forget_rows = read_mc_jsonl(info["sets"][forget]["file"])
+    learn_pred = read_mc_jsonl(paths.prediction_file(final, learn))
+    forget_pred = read_mc_jsonl(paths.prediction_file(final, forget))
+    if len(learn_pred) != len(learn_rows) or len(forget_pred) != len(forget_rows):
+        raise CnlError(f"{args.ft_run}: final-epoch predictions do not match the run's sets")
+    _check_batch_size(args.batch_size)
+    cfg = _model_config(args)
+    if "model" not in vars(args):  # the run's own base model
+        cfg.model = info["config"]["model"]["model"]
+    model, tokenizer, source = _load_model(cfg)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    from .scoring import PromptEncoder
+
+    enc = PromptEncoder(tokenizer)
+    still_wrong = [
+        enc.encode(r) for r, p in zip(learn_rows, learn_pred, strict=True) if p.raw["predict_label"] != r.label
+    ]
+    forget_enc = enc.encode_all(forget_rows)
+    forgotten = [p.raw["predict_label"] != r.label for r, p in zip(forget_rows, forget_pred, strict=True)]
+    if not still_wrong:
+        raise CnlError(f"{args.ft_run}: every {learn} question was learned by the final epoch; I' is empty")
+    t0 = time.perf_counter()
+    dots = gradient_distance(model, forget_enc, still_wrong, batch_size=args.batch_size, pad_id=_pad_id(tokenizer))
+    table = distance_table(dots, forgotten)
+    follow = thirds_follow_up(dots, forgotten)
+    bins = quantile_bins(dots, forgotten)
+    out = Path(args.out)
+    atomic_write_jsonl(
+        out / "distance.jsonl",
+        (
+            {
+                "question": r.question,
+                "label": r.label,
+                "predict_label": p.raw["predict_label"],
+                "forgotten": f,
+                "dot": d,
+            }
+            for r, p, f, d in zip(forget_rows, forget_pred, forgotten, dots, strict=True)
+        ),
+    )
+    atomic_write_csv(
+        out / "distance_table.csv",
+        ["group", "total", "forgotten", "forgotten_ratio"],
+        [[r["group"], r["total"], r["forgotten"], r["forgotten_ratio"]] for r in table],
+    )
+    summary = {
+        "ft_run": str(args.ft_run),
+        "final_epoch": final,
+        "model": source.tag,
+        "still_wrong": len(still_wrong),
+        "learn_set": learn,
+        "forget_set": forget,
+        "table": table,
+        "thirds": follow,
+        "bins": bins,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    atomic_write_json(out / "distance.json", summary)
+    plot_distance(bins, table, out / "distance.png")
+    print(f"\nI' = {len(still_wrong)} {learn} questions still wrong at epoch {final}; {len(dots)} {forget} questions\n")
+    print_table(
+        ["group", "total", "forgotten", "ratio"],
+        [
+            [
+                r["group"],
+                r["total"],
+                r["forgotten"],
+                "-" if r["forgotten_ratio"] is None else f"{r['forgotten_ratio']:.1%}",
+            ]
+            for r in table
+        ],
+    )
+    if follow["available"]:
+        s, lg = follow["smallest_abs_third"], follow["largest_abs_third"]
+        print(
+            f"\namong dot < 0 ({follow['negatives']}): smallest-|dot| third forgotten {s['forgotten_ratio']:.1%}, "
+            f"largest-|dot| third {lg['forgotten_ratio']:.1%} ({follow['third_size']} questions each)"
+        )
+    else:
+        print(f"\nthirds follow-up: {follow['reason']}")
+    print(f"written to {out}/ (distance.jsonl, distance_table.csv, distance.json, distance.png)")
+    return 0
+
+
+def _check_batch_size(n: int) -> None:
+    if n < 1:
+        raise CnlError(f"--batch-size must be at least 1, got {n}")
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="which parameters collaborate or conflict, and why questions are forgotten",
+        description="Analyses of SPEC §5.",
+    )
+    asub = p.add_subparsers(dest="analyze_verb", metavar="{neurons,distance}")
+    asub.required = True
+    n = asub.add_parser(
+        "neurons",
+        help="proportions of collaborative and conflicting parameters",
+        description="At the model's parameters: mean gradients over M and I; elements with g_M·g_I >= 0 "
+        "collaborate, < 0 conflict. Writes neurons.json, neurons.csv and neurons_heatmap.png: overall, per layer "
+        "and per module kind, the proportion of each class and its share of sum|g_I|. --model may be a saved "
+        "run's model directory (RUN_DIR/model).",
+    )
+    n.add_argument("--out", required=True, type=Path, help="output directory")
+    n.add_argument("--batch-size", type=int, default=8, help="questions per backward pass (default: 8)")
+    add_dataclass_arguments(
+        n, DataConfig, exclude=("mastered1", "mastered2", "injection1", "injection2"), group_title="data"
+    )
+    add_dataclass_arguments(n, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    n.set_defaults(handler=cmd_analyze_neurons)
+    d = asub.add_parser(
+        "distance",
+        help="gradient dot products: why mastered questions are forgotten",
+        description="At the base parameters: g_I' = mean gradient of the injection questions an ft run still got "
+        "wrong at its final epoch; for every mastered question d = grad L_m . g_I'. Writes distance.jsonl, the "
+        "dot < 0 / dot >= 0 table (distance_table.csv), the thirds follow-up (distance.json) and distance.png.",
+    )
+    d.add_argument("--ft-run", required=True, type=Path, help="run directory of an ft run ('cnl train --method ft')")
+    d.add_argument("--out", required=True, type=Path, help="output directory")
+    d.add_argument("--batch-size", type=int, default=8, help="questions per backward pass for g_I' (default: 8)")
+    add_dataclass_arguments(d, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    d.set_defaults(handler=cmd_analyze_distance)
+
+
+# ---------------------------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    report = write_report(args.runs, args.out)
+    _print_report(report)
+    print(f"\nwritten to {args.out}/ (report.md, report.json, curves.png)")
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    rows = []
+    for r in report["rows"]:
+        red = r["forgetting_reduction_pct"]
+        rows.append(
+            [
+                r["run"],
+                f"{r['method']}/{r['optimizer']}",
+                f"{r['final_learned']} ({r['final_learned_pct']:.1f}%)",
+                f"{r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%)",
+                f"{r['best_epoch']}: {r['best_learned']} / {r['best_forgotten']}",
+                "baseline" if r["method"] == "ft" else ("-" if red is None else f"{red:.1f}%"),
+            ]
+        )
+    print_table(
+        ["run", "method", "learned", "forgotten", "best epoch: learned/forgotten", "forgetting cut vs ft"], rows
+    )
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="tables and plots comparing runs",
+        description="Compare run directories side by side: learned and forgotten per epoch (curves.png) and the "
+        "paper-style table (report.md, report.json), with each run's forgetting reduction against an ft run.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run directories written by 'cnl train'")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.set_defaults(handler=cmd_report)
+
+
+# --------------------------------------------------------------------------------------- compare
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .data import resolve_dataset
+    from .models import resolve_model_source
+    from .presets import find_preset_for_model, load_preset
+    from .report import write_report
+    from .split import read_split_manifest, run_split
+    from .train import train, validate_train_config
+
+    cfg = _model_config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in ("ft", "cnl"):
+            raise CnlError(f"--methods takes ft and cnl (got {m!r}); use 'cnl train' for lora and replay")
+    rows, tag = resolve_dataset(args.dataset, limit=args.limit)  # validated before the model loads
+    source = resolve_model_source(cfg.model)
+    preset = args.preset or find_preset_for_model(source.tag)
+    cli_train = {
+        k: v for k, v in (("lr", args.lr), ("epochs", args.epochs), ("optimizer", args.optimizer)) if v is not None
+    }
+    configs = {}
+    for m in methods:
+        layers = [(f"preset {preset}", load_preset(preset, m))] if preset else []
+        configs[m] = build_config(TrainConfig, *layers, ("command line", {**cli_train, "method": m}))
+        validate_train_config(configs[m])
+    out = Path(args.out)
+    split_dir = out / "split"
+    want = {"source": args.dataset, "limit": args.limit, "model_source": source.path_or_id}
+    reuse = False
+    if (split_dir / "split.json").exists():
+        m = read_split_manifest(split_dir).manifest
+        reuse = all(m.get(k) == v for k, v in want.items())
+    print(
+        f"== 1/3 split: {tag}{f' (first {args.limit})' if args.limit else ''} with {source.tag}"
+        + (" (reused)" if reuse else "")
+    )
+    if not reuse:
+        model, tokenizer, source = _load_model(cfg)
+        result = run_split(rows, model, tokenizer, dataset_tag=tag, model_tag=source.tag, out_dir=split_dir, extra=want)
+        del model
+        m = result.manifest
+    print(
+        f"accuracy {m['accuracy']:.1%}: mastered M = {m['files']['correct']['count']}, "
+        f"injection I = {m['files']['wrong']['count']}"
+    )
+    run_dirs = []
+    data = DataConfig(split=str(split_dir))
+    for i, meth in enumerate(methods, start=2):
+        c = configs[meth]
+        run_dir = out / "runs" / f"{meth}-{c.optimizer}"
+        print(
+            f"\n== {i}/{len(methods) + 2} train {meth}/{c.optimizer}: lr {c.lr:g}, {c.epochs} epochs"
+            + (f" (preset {preset})" if preset else "")
+        )
+        train(c, data, cfg, run_dir, resume=True)
+        run_dirs.append(run_dir)
+    print(f"\n== {len(methods) + 2}/{len(methods) + 2} report")
+    report = write_report(run_dirs, out / "report")
+    _print_side_by_side(run_dirs)
+    print()
+    _print_report(report)
+    print(f"\nreport: {out / 'report' / 'report.md'}, figure: {out / 'report' / 'curves.png'}")
+    return 0
+
+
+def _print_side_by_side(run_dirs: list[Path]) -> None:
+    from .report import load_run_record
+
+    recs = [load_run_record(d) for d in run_dirs]
+    header = ["epoch"]
+    for r in recs:
+        header += [f"{r.info['method']} learned", f"{r.info['method']} forgotten"]
+    n = max(len(r.epochs) for r in recs)
+    table = []
+    for i in range(n):
+        row: list = [i + 1]
+        for r in recs:
+            row += [r.learned[i], r.forgotten[i]] if i < len(r.epochs) else ["", ""]
+        table.append(row)
+    info = recs[0].info
+    print(
+        f"\nlearned = {info['learn_set']} answered correctly (of {info['learn_total']}), "
+        f"forgotten = {info['forget_set']} answered wrongly (of {info['forget_total']})\n"
+    )
+    print_table(header, table)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from .optim import OPTIMIZERS
+
+    p = sub.add_parser(
+        "compare",
+        help="the whole comparison in one command: split, train ft and cnl, report",
+        description="Split a dataset with the model, train plain fine-tuning (ft) and CNL on the injection set with "
+        "the model's preset, and write the side-by-side report. Every step is resumable: rerun the same command "
+        "after an interruption and finished work is reused.",
+    )
+    p.add_argument("--dataset", default="csqa", help="named dataset or JSONL file (default: csqa)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
+    p.add_argument("--out", required=True, type=Path, help="output directory (split/, runs/, report/)")
+    p.add_argument("--methods", default="ft,cnl", help="methods to compare (default: ft,cnl)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer for every method (default: sgd)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    p.add_argument("--preset", default=None, help="preset (default: the one named like the model)")
+    add_dataclass_arguments(p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    p.set_defaults(handler=cmd_compare)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -280,21 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collaborative Neuron Learning: teach a language model new facts without forgetting.",
     )
     parser.add_argument("--version", action="version", version=f"cnl {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="{split,train,analyze,report,data}")
+    sub = parser.add_subparsers(dest="verb", metavar="{compare,split,train,analyze,report,data}")
     sub.required = True
+    _add_compare(sub)
     _add_split(sub)
     _add_train(sub)
+    _add_analyze(sub)
+    _add_report(sub)
     _add_data(sub)
-    _add_placeholders(sub, have={"train"})
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnl`` console script."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "placeholder", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except CnlError as e:

@@ -150,7 +150,8 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
             red_s = f"{red:.1f}%"
         lines.append(
             f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | {r['epochs']} "
-            f"| {r['final_learned']} ({r['final_learned_pct']:.1f}%) | {r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%) "
+            f"| {r['final_learned']} ({r['final_learned_pct']:.1f}%) "
+            f"| {r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%) "
             f"| {r['best_epoch']} | {r['best_learned']} ({r['best_learned_pct']:.1f}%) "
             f"| {r['best_forgotten']} ({r['best_forgotten_pct']:.1f}%) | {red_s} |"
         )
