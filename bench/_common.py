@@ -134,11 +134,13 @@ def naive_eval(model: torch.nn.Module, sets: Sequence[Sequence[Encoded]]) -> lis
 
 
 # ---------------------------------------------------------------------------------- cnl's engine
-def cnl_reference(model: torch.nn.Module, ref_set: Sequence[Encoded], batch_size: int, storage: str = "bits",
-                  chunks: int = 1):
+def cnl_reference(
+    model: torch.nn.Module, ref_set: Sequence[Encoded], batch_size: int, storage: str = "bits", chunks: int = 1
+):
     params = [p for p in model.parameters() if p.requires_grad]
-    ref, _ = reference_sign(model, ref_set, params, batch_size=batch_size, storage=storage, chunks=chunks,
-                            progress=False)
+    ref, _ = reference_sign(
+        model, ref_set, params, batch_size=batch_size, storage=storage, chunks=chunks, progress=False
+    )
     return ref
 
 
@@ -170,3 +172,38 @@ def env_note() -> str:
     return f"torch {torch.__version__}, threads {torch.get_num_threads()}, MALLOC_MMAP_THRESHOLD_=" + os.environ.get(
         "MALLOC_MMAP_THRESHOLD_", "unset"
     )
+
+
+def run_epoch(
+    variant: str,
+    model: torch.nn.Module,
+    mastered: Sequence[Encoded],
+    injection: Sequence[Encoded],
+    meter: Any,
+    *,
+    lr: float,
+    ref_batch_size: int = 8,
+    eval_batch_size: int = 16,
+    ref_chunks: int = 1,
+) -> dict[str, Any]:
+    """One SPEC epoch (reference over M, training on I, evaluation on I and M) of ``variant``
+    (``naive`` or ``cnl``); seconds and peak extra bytes per phase, loss and counts."""
+    r: dict[str, Any] = {"variant": variant, "n_params": sum(p.numel() for p in model.parameters())}
+    if variant == "naive":
+        ref, r["reference_s"], r["reference_peak"] = timed(meter, lambda: naive_reference(model, mastered))
+        loss, r["train_s"], r["train_peak"] = timed(meter, lambda: naive_train(model, injection, ref, lr))
+        del ref
+        counts, r["eval_s"], r["eval_peak"] = timed(meter, lambda: naive_eval(model, [injection, mastered]))
+    else:
+        sign, r["reference_s"], r["reference_peak"] = timed(
+            meter, lambda: cnl_reference(model, mastered, ref_batch_size, chunks=ref_chunks)
+        )
+        r["sign_bytes"] = sign.nbytes()
+        loss, r["train_s"], r["train_peak"] = timed(meter, lambda: cnl_train(model, injection, sign, lr))
+        del sign
+        counts, r["eval_s"], r["eval_peak"] = timed(
+            meter, lambda: cnl_eval(model, [injection, mastered], eval_batch_size)
+        )
+    r["train_avg_loss"] = loss
+    r["learned"], r["mastered_correct"] = counts
+    return r

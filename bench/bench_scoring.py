@@ -52,8 +52,10 @@ def main() -> None:
     print(f"{source.tag} on {next(model.parameters()).device}, {len(rows)} csqa questions; {C.env_note()}")
     print(f"{a:<16} {len(rows) / ta:8.1f} q/s  ({ta:.1f}s)")
     print(f"{b:<16} {len(rows) / tb:8.1f} q/s  ({tb:.1f}s)")
-    print(f"speed-up {ta / tb:.2f}x; identical predictions: {same}; max candidate-logit gap {gap:.1e}; "
-          f"accuracy {preds[b].n_correct / len(rows):.1%}")
+    print(
+        f"speed-up {ta / tb:.2f}x; identical predictions: {same}; max candidate-logit gap {gap:.1e}; "
+        f"accuracy {preds[b].n_correct / len(rows):.1%}"
+    )
 
 
 if __name__ == "__main__":

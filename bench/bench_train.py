@@ -39,25 +39,17 @@ def worker(args: argparse.Namespace) -> None:
     split = json.loads(Path(args.split).read_text())
     M = [enc[i] for i in split["mastered"]]
     I_ = [enc[i] for i in split["injection"]]
-    meter = C.CpuPeak()
-    n_params = sum(p.numel() for p in model.parameters())
-    result: dict = {"variant": args.worker, "n_params": n_params}
-    if args.worker == "naive":
-        ref, result["reference_s"], result["reference_peak"] = C.timed(meter, lambda: C.naive_reference(model, M))
-        loss, result["train_s"], result["train_peak"] = C.timed(meter, lambda: C.naive_train(model, I_, ref, args.lr))
-        del ref
-        counts, result["eval_s"], result["eval_peak"] = C.timed(meter, lambda: C.naive_eval(model, [I_, M]))
-    else:
-        ref, result["reference_s"], result["reference_peak"] = C.timed(
-            meter, lambda: C.cnl_reference(model, M, args.ref_batch_size, chunks=args.ref_chunks)
-        )
-        result["sign_bytes"] = ref.nbytes()
-        loss, result["train_s"], result["train_peak"] = C.timed(meter, lambda: C.cnl_train(model, I_, ref, args.lr))
-        counts, result["eval_s"], result["eval_peak"] = C.timed(
-            meter, lambda: C.cnl_eval(model, [I_, M], args.eval_batch_size)
-        )
-    result["train_avg_loss"] = loss
-    result["learned"], result["mastered_correct"] = counts
+    result = C.run_epoch(
+        args.worker,
+        model,
+        M,
+        I_,
+        C.CpuPeak(),
+        lr=args.lr,
+        ref_batch_size=args.ref_batch_size,
+        eval_batch_size=args.eval_batch_size,
+        ref_chunks=args.ref_chunks,
+    )
     torch.save(C.weights_digest(model), args.weights_out)
     print("RESULT " + json.dumps(result))
 
@@ -88,17 +80,37 @@ def main() -> None:
         "injection": [i for i, ok in enumerate(preds.correct) if not ok],
     }
     del model
-    print(f"{source.tag}, {len(rows)} csqa rows: |M| = {len(split['mastered'])}, |I| = {len(split['injection'])}; "
-          f"lr {args.lr:g}; {C.env_note()}")
+    print(
+        f"{source.tag}, {len(rows)} csqa rows: |M| = {len(split['mastered'])}, |I| = {len(split['injection'])}; "
+        f"lr {args.lr:g}; {C.env_note()}"
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "split.json").write_text(json.dumps(split))
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         for variant in ("naive", "cnl"):
-            cmd = [sys.executable, __file__, "--worker", variant, "--split", str(Path(tmp) / "split.json"),
-                   "--weights-out", str(Path(tmp) / f"{variant}.pt"), "--data", args.data, "--rows", str(args.rows),
-                   "--lr", str(args.lr), "--ref-batch-size", str(args.ref_batch_size),
-                   "--eval-batch-size", str(args.eval_batch_size), "--ref-chunks", str(args.ref_chunks)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--split",
+                str(Path(tmp) / "split.json"),
+                "--weights-out",
+                str(Path(tmp) / f"{variant}.pt"),
+                "--data",
+                args.data,
+                "--rows",
+                str(args.rows),
+                "--lr",
+                str(args.lr),
+                "--ref-batch-size",
+                str(args.ref_batch_size),
+                "--eval-batch-size",
+                str(args.eval_batch_size),
+                "--ref-chunks",
+                str(args.ref_chunks),
+            ]
             if args.model:
                 cmd += ["--model", args.model]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -120,14 +132,18 @@ def main() -> None:
     print(f"{'epoch':<10} {tot_n:>9.1f} {tot_c:>9.1f} {tot_n / tot_c:>8.2f}x")
     peak_n = max(results["naive"][f"{p}_peak"] for p in ("reference", "train", "eval")) / n
     peak_c = max(results["cnl"][f"{p}_peak"] for p in ("reference", "train", "eval")) / n
-    print(f"peak extra memory over the weights: naive {peak_n:.2f} B/param, cnl {peak_c:.2f} B/param "
-          f"(ratio {peak_n / peak_c:.2f}x); cnl training phase {results['cnl']['train_peak'] / n:.2f} B/param, "
-          f"reference sign {results['cnl']['sign_bytes'] / n:.3f} B/param")
+    print(
+        f"peak extra memory over the weights: naive {peak_n:.2f} B/param, cnl {peak_c:.2f} B/param "
+        f"(ratio {peak_n / peak_c:.2f}x); cnl training phase {results['cnl']['train_peak'] / n:.2f} B/param, "
+        f"reference sign {results['cnl']['sign_bytes'] / n:.3f} B/param"
+    )
     diff = (w_naive - w_cnl).abs()
-    print(f"results: learned {results['naive']['learned']} vs {results['cnl']['learned']}, mastered still correct "
-          f"{results['naive']['mastered_correct']} vs {results['cnl']['mastered_correct']}; train loss "
-          f"{results['naive']['train_avg_loss']:.5f} vs {results['cnl']['train_avg_loss']:.5f}; weights max |diff| "
-          f"{float(diff.max()):.2e}, elements differing {float((diff > 0).float().mean()):.2e}")
+    print(
+        f"results: learned {results['naive']['learned']} vs {results['cnl']['learned']}, mastered still correct "
+        f"{results['naive']['mastered_correct']} vs {results['cnl']['mastered_correct']}; train loss "
+        f"{results['naive']['train_avg_loss']:.5f} vs {results['cnl']['train_avg_loss']:.5f}; weights max |diff| "
+        f"{float(diff.max()):.2e}, elements differing {float((diff > 0).float().mean()):.2e}"
+    )
 
 
 if __name__ == "__main__":

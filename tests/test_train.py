@@ -587,8 +587,7 @@ def test_resume_rejects_a_different_model_or_dtype(tmp_path, sets, tiny_qwen2_di
     assert len(read_csv(out / "summary.csv")[1]) == 2
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["kept-checkpoint", "no-checkpoint"])
-def test_extending_a_finished_run_equals_a_longer_run(tmp_path, sets, tiny_qwen2_dir, keep):
+def test_extending_a_finished_run_equals_a_longer_run(tmp_path, sets, tiny_qwen2_dir):
     def argv(out, epochs, *extra):
         return [
             "train",
@@ -610,14 +609,25 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path, sets, tiny_qwen2
             *extra,
         ]
 
-    keep_flag = ["--keep-checkpoint"] if keep else []
     assert main(argv(tmp_path / "long", 2)) == 0
-    assert main(argv(tmp_path / "ext", 1, *keep_flag)) == 0
-    assert (tmp_path / "ext" / "checkpoint").exists() == keep
+    assert main(argv(tmp_path / "ext", 1, "--keep-checkpoint")) == 0
+    assert (tmp_path / "ext" / "checkpoint").exists()
     assert main(argv(tmp_path / "ext", 2, "--resume")) == 0
     long_rows = read_csv(tmp_path / "long" / "summary.csv")[1]
     assert without_seconds(long_rows) == without_seconds(read_csv(tmp_path / "ext" / "summary.csv")[1])
     assert prediction_files(tmp_path / "long") == prediction_files(tmp_path / "ext")
+
+
+def test_extending_a_finished_run_without_checkpoint_is_refused(tmp_path, sets, tiny_qwen2_dir, capsys):
+    common = ["train", "--model", str(tiny_qwen2_dir), "--device", "cpu", "--out", str(tmp_path / "ext"),
+              "--method", "ft", "--lr", "1e-3", *data_flags(sets, ("mastered", "injection"))]
+    assert main([*common, "--epochs", "1"]) == 0
+    before = (tmp_path / "ext" / "summary.csv").read_text()
+    capsys.readouterr()
+    assert main([*common, "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint is left" in err and "--keep-checkpoint" in err and "Traceback" not in err
+    assert (tmp_path / "ext" / "summary.csv").read_text() == before  # finished results untouched
 
 
 # ------------------------------------------------------------------------------------------------ errors

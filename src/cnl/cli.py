@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import (
+    METHOD_DEFAULTS,
     METHODS,
     DataConfig,
     ModelConfig,
@@ -175,7 +176,7 @@ def resolve_train_configs(
     preset = args.preset
     if preset is None and args.config is None:
         preset = find_preset_for_model(resolve_model_source(model_cfg.model).tag)
-    layers: list[tuple[str, dict]] = []
+    layers: list[tuple[str, dict]] = [(f"{method} defaults", METHOD_DEFAULTS.get(method, {}))]
     if preset is not None:
         layers.append((f"preset {preset}", load_preset(preset, method)))
     if file_train:
@@ -312,8 +313,8 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
         raise CnlError(f"{args.ft_run}: final-epoch predictions do not match the run's sets")
     _check_batch_size(args.batch_size)
     cfg = _model_config(args)
-    if "model" not in vars(args):  # the run's own base model
-        cfg.model = info["config"]["model"]["model"]
+    if "model" not in vars(args):  # the run's own base model (resolved path when it was a local one)
+        cfg.model = info.get("model_source", info["config"]["model"]["model"])
     model, tokenizer, source = _load_model(cfg)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -495,7 +496,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     }
     configs = {}
     for m in methods:
-        layers = [(f"preset {preset}", load_preset(preset, m))] if preset else []
+        layers = [(f"{m} defaults", METHOD_DEFAULTS.get(m, {}))]
+        if preset:
+            layers.append((f"preset {preset}", load_preset(preset, m)))
         configs[m] = build_config(TrainConfig, *layers, ("command line", {**cli_train, "method": m}))
         validate_train_config(configs[m])
     out = Path(args.out)
@@ -506,7 +509,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         m = read_split_manifest(split_dir).manifest
         reuse = all(m.get(k) == v for k, v in want.items())
     print(
-        f"== 1/3 split: {tag}{f' (first {args.limit})' if args.limit else ''} with {source.tag}"
+        f"== 1/{len(methods) + 2} split: {tag}{f' (first {args.limit})' if args.limit else ''} with {source.tag}"
         + (" (reused)" if reuse else "")
     )
     if not reuse:

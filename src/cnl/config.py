@@ -31,6 +31,7 @@ __all__ = [
     "build_config",
     "load_yaml",
     "to_dict",
+    "METHOD_DEFAULTS",
 ]
 
 T = TypeVar("T")
@@ -213,6 +214,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 METHODS = ("cnl", "ft", "lora", "replay")
+
+#: Per-method defaults that differ from the dataclass defaults (SPEC §4: LoRA's learning rate is 1e-5).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"lora": {"lr": 1e-5}}
 SETTINGS = ("in-set", "ood-correct", "ood-wrong", "replay")
 
 
@@ -287,5 +291,8 @@ class TrainConfig:
     gradient copy kept); off: backward first, then update (same numbers, more memory)."""
     save_model: bool = False
     """Save the final weights (LoRA: the adapter) in Hugging Face format into RUN_DIR/model."""
+    checkpoint: bool = True
+    """Write a checkpoint (trainable weights, optimizer state, RNG) after every epoch so that --resume
+    can continue a killed run; off saves disk for large models (a killed run then starts over)."""
     keep_checkpoint: bool = False
     """Keep the last epoch's checkpoint after a successful run (it is deleted otherwise)."""

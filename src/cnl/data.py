@@ -129,12 +129,13 @@ def validate_row(obj: Any, *, path: str | Path | None = None, line: int | None =
     return MCRow(question=question, label=label, letters=letters, raw=obj, line=line or 0)
 
 
-def read_mc_jsonl(path: str | Path) -> list[MCRow]:
+def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]:
     """Read and validate a whole multiple-choice JSONL file.
 
     Blank lines, CRLF line endings, a UTF-8 byte-order mark, extra fields and non-ASCII text are
     fine. Anything else wrong raises :class:`DataError` with the file and line, before the caller
-    does any work; an empty file is an error too.
+    does any work. An empty file is an error too, unless ``allow_empty`` (a split can legitimately
+    write an empty mastered or injection set).
     """
     p = Path(path)
     if not p.exists():
@@ -157,7 +158,7 @@ def read_mc_jsonl(path: str | Path) -> list[MCRow]:
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", p, lineno) from None
         rows.append(validate_row(obj, path=p, line=lineno))
-    if not rows:
+    if not rows and not allow_empty:
         raise DataError("no rows: the file is empty", p)
     return rows
 

@@ -7,8 +7,8 @@ a *reference* gradient r (the mean gradient over the mastered set) element by el
     keep where d · r >= 0,  freeze where d · r < 0
 
 so an element where either factor is exactly zero is updated. Only the sign of r matters, so
-:class:`SignReference` stores it in two bit-planes (1/4 byte per element; ``"int8"`` storage is one
-byte and faster to read) instead of a 4-byte float, and reproduces the full-precision rule exactly,
+:class:`SignReference` stores it as 2-bit codes (1/4 byte per element; ``"int8"`` storage is one
+byte) instead of a 4-byte float, and reproduces the full-precision rule exactly,
 zeros included.
 
 Use it in any training loop, with any parameter set::
@@ -34,7 +34,23 @@ import torch
 
 __all__ = ["cnl_conflict", "cnl_masked", "SignReference", "MaskedOptimizer"]
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+#: Elements handled per slice when masking: temporaries stay small (cache-friendly, and the peak
+#: memory of a masked update does not grow with the size of the largest parameter).
+CHUNK = 1 << 20
+
+# 2-bit codes, four elements per byte: 0 -> 0, 1 -> +1, 2 -> -1.
+_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+
+
+def _build_lut() -> torch.Tensor:
+    codes = (torch.arange(256, dtype=torch.int32)[:, None] >> _SHIFTS.to(torch.int32)) & 3
+    lut = torch.zeros(256, 4, dtype=torch.int8)
+    lut[codes == 1] = 1
+    lut[codes == 2] = -1
+    return lut
+
+
+_LUT = _build_lut()
 
 
 def cnl_conflict(direction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -51,21 +67,26 @@ def cnl_masked(direction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return direction.masked_fill(cnl_conflict(direction, reference), 0)
 
 
-def _pack(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into uint8 (8 elements per byte)."""
-    flat = bits.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = _BIT_WEIGHTS.to(flat.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+def _pack_signs(reference: torch.Tensor) -> torch.Tensor:
+    """Signs of ``reference`` as 2-bit codes, four per byte (flattened, zero-padded)."""
+    flat = reference.detach().reshape(-1)
+    out = torch.empty((flat.numel() + 3) // 4, dtype=torch.uint8, device=flat.device)
+    shifts = _SHIFTS.to(flat.device)
+    for a in range(0, flat.numel(), CHUNK):
+        part = flat[a : a + CHUNK]
+        codes = (part > 0).to(torch.uint8) | ((part < 0).to(torch.uint8) << 1)
+        pad = (-codes.numel()) % 4
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        out[a // 4 : a // 4 + codes.numel() // 4] = (codes.view(-1, 4) << shifts).sum(dim=1, dtype=torch.uint8)
+    return out
 
 
-def _unpack(packed: torch.Tensor, numel: int, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`_pack`."""
-    weights = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed.unsqueeze(1) & weights) != 0
-    return bits.reshape(-1)[:numel].view(shape)
+def _unpack_signs(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """int8 signs of elements ``start:stop`` (``start`` a multiple of 4) from :func:`_pack_signs`."""
+    lut = _LUT.to(packed.device)
+    rows = packed[start // 4 : (stop + 3) // 4].to(torch.int32)
+    return torch.index_select(lut, 0, rows).view(-1)[: stop - start]
 
 
 class SignReference:
@@ -75,15 +96,15 @@ class SignReference:
     whole model, a LoRA adapter or a hand-picked subset.
 
     Args:
-        storage: ``"bits"`` (two bit-planes: 0.25 byte per element) or ``"int8"`` (one byte per
-            element, a little faster to read).
+        storage: ``"bits"`` (2-bit codes: 0.25 byte per element) or ``"int8"`` (one byte per
+            element, no decoding).
     """
 
     def __init__(self, storage: str = "bits") -> None:
         if storage not in ("bits", "int8"):
             raise ValueError(f"storage must be 'bits' or 'int8', got {storage!r}")
         self.storage = storage
-        self._signs: dict[Any, tuple[Any, ...]] = {}
+        self._signs: dict[Any, tuple[torch.Tensor, torch.Size]] = {}
 
     @classmethod
     def from_tensors(cls, items: Iterable[tuple[Any, torch.Tensor]], storage: str = "bits") -> SignReference:
@@ -96,14 +117,10 @@ class SignReference:
     def set(self, key: Any, reference: torch.Tensor) -> None:
         """Store the sign of ``reference`` under ``key`` (the tensor itself is not kept)."""
         if self.storage == "int8":
-            self._signs[key] = (torch.sign(reference).to(torch.int8),)
+            data = torch.sign(reference.detach()).to(torch.int8).reshape(-1)
         else:
-            self._signs[key] = (
-                _pack(reference > 0),
-                _pack(reference < 0),
-                reference.numel(),
-                reference.shape,
-            )
+            data = _pack_signs(reference)
+        self._signs[key] = (data, reference.shape)
 
     def __contains__(self, key: Any) -> bool:
         return key in self._signs
@@ -115,40 +132,55 @@ class SignReference:
         """The keys with a stored sign."""
         return list(self._signs)
 
-    def positive_negative(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean tensors ``(reference > 0, reference < 0)`` for ``key``."""
-        entry = self._signs[key]
+    def _slice(self, key: Any, start: int, stop: int) -> torch.Tensor:
+        data, _ = self._signs[key]
         if self.storage == "int8":
-            s = entry[0]
-            return s > 0, s < 0
-        pos, neg, numel, shape = entry
-        return _unpack(pos, numel, shape), _unpack(neg, numel, shape)
+            return data[start:stop]
+        return _unpack_signs(data, start, stop)
 
     def sign(self, key: Any) -> torch.Tensor:
-        """The stored sign as an int8 tensor of -1, 0, +1."""
-        pos, neg = self.positive_negative(key)
-        return pos.to(torch.int8) - neg.to(torch.int8)
+        """The stored sign as an int8 tensor of -1, 0, +1 in the reference's shape."""
+        data, shape = self._signs[key]
+        n = shape.numel()
+        return self._slice(key, 0, n).view(shape).clone()
+
+    def positive_negative(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean tensors ``(reference > 0, reference < 0)`` for ``key``."""
+        s = self.sign(key)
+        return s > 0, s < 0
 
     def conflict(self, key: Any, direction: torch.Tensor) -> torch.Tensor:
         """True where ``direction · reference < 0``, exactly as :func:`cnl_conflict`."""
-        pos, neg = self.positive_negative(key)
-        return ((direction > 0) & neg) | ((direction < 0) & pos)
+        flat = direction.detach().reshape(-1)
+        out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+        for a in range(0, flat.numel(), CHUNK):
+            b = min(a + CHUNK, flat.numel())
+            s = self._slice(key, a, b)
+            out[a:b] = cnl_conflict(flat[a:b], s)
+        return out.view(direction.shape)
 
     def mask_(self, key: Any, direction: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the elements of ``direction`` that conflict; return how many (a 0-d tensor).
 
+        Works slice by slice, so the temporaries stay a few megabytes whatever the tensor's size.
         The count stays on the tensor's device so that callers can sum it without a sync per call.
         """
-        conflict = self.conflict(key, direction)
-        direction.masked_fill_(conflict, 0)
-        return conflict.sum()
+        if not direction.is_contiguous():
+            raise ValueError("mask_ needs a contiguous tensor (it zeroes elements in place)")
+        flat = direction.view(-1)
+        count = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for a in range(0, flat.numel(), CHUNK):
+            b = min(a + CHUNK, flat.numel())
+            part = flat[a:b]
+            # d·s < 0 with s in {-1, 0, 1} is exact in floating point (a sign flip or a zero)
+            conflict = (part * self._slice(key, a, b)) < 0
+            part.masked_fill_(conflict, 0)
+            count += conflict.sum()
+        return count
 
     def nbytes(self) -> int:
         """Bytes held by the stored signs."""
-        total = 0
-        for entry in self._signs.values():
-            total += sum(t.numel() * t.element_size() for t in entry if isinstance(t, torch.Tensor))
-        return total
+        return sum(data.numel() * data.element_size() for data, _ in self._signs.values())
 
     def state_dict(self) -> dict[str, Any]:
         """Signs in a form ``torch.save`` can store; keys are replaced by their insertion index."""

@@ -180,7 +180,11 @@ def plot_curves(runs: list[RunRecord], path: str | Path) -> Any:
     info = runs[0].info
     ax_l.set_title(f"learned: {info['learn_set']} answered correctly (of {info['learn_total']})")
     ax_f.set_title(f"forgotten: {info['forget_set']} answered wrongly (of {info['forget_total']})")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_l, ax_f):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)

@@ -263,9 +263,12 @@ def train(
     validate_train_config(cfg)
     roles = roles_for(cfg.setting, cfg.method)
     files = resolve_set_files(data, roles)
-    sets: dict[str, list[MCRow]] = {name: read_mc_jsonl(path) for name, path in files.items()}
+    sets: dict[str, list[MCRow]] = {name: read_mc_jsonl(path, allow_empty=True) for name, path in files.items()}
     if roles.reference is not None and not sets[roles.reference]:
-        raise ConfigError(f"the reference set ({roles.reference}) is empty: CNL needs mastered questions")
+        raise ConfigError(
+            f"the reference set {roles.reference} ({files[roles.reference]}) is empty: CNL needs mastered "
+            "questions for its reference gradient (the model answered none of them correctly)"
+        )
     for name in roles.train:
         if not sets[name]:
             raise ConfigError(f"the training set {name} ({files[name]}) is empty: nothing to inject")
@@ -279,7 +282,7 @@ def train(
         "model": to_dict(model_cfg),
     }
     set_info = {
-        name: {"file": str(path), "sha256": _file_digest(path), "count": len(sets[name])}
+        name: {"file": str(path.resolve()), "sha256": _file_digest(path), "count": len(sets[name])}
         for name, path in files.items()
     }
     if paths.run_json.exists():
@@ -290,10 +293,16 @@ def train(
                 f"status {previous.get('status')}); use --resume to continue it or choose another --out"
             )
         _check_resumable(previous, resolved, set_info)
-        if previous.get("status") == "finished" and previous.get("epochs_done", 0) >= cfg.epochs:
+        done = previous.get("epochs_done", 0)
+        if previous.get("status") == "finished" and done >= cfg.epochs:
             if echo:
-                print(f"{paths.root}: run already finished ({cfg.epochs} epochs); nothing to do")
+                print(f"{paths.root}: run already finished ({done} epochs); nothing to do")
             return _read_summary_rows(paths)
+        if done and not (paths.checkpoints / "latest.json").exists():
+            raise ConfigError(
+                f"{paths.root}: {done} epoch(s) finished but no checkpoint is left to continue from (checkpoints "
+                "are removed when a run finishes, unless --keep-checkpoint); start a new run in another --out"
+            )
     paths.root.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(paths.log)
     try:
@@ -322,7 +331,18 @@ def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_inf
     old_train = dict(previous["config"]["train"])
     new_train = dict(resolved["train"])
     for d in (old_train, new_train):
-        for k in ("epochs", "save_model", "keep_checkpoint", "eval_batch_size", "ref_batch_size"):
+        # options that change neither the numbers nor the run's identity may differ on resume
+        for k in (
+            "epochs",
+            "save_model",
+            "keep_checkpoint",
+            "checkpoint",
+            "eval_batch_size",
+            "ref_batch_size",
+            "ref_chunks",
+            "sign_storage",
+            "update_in_backward",
+        ):
             d.pop(k, None)
     diff = sorted(k for k in new_train if old_train.get(k) != new_train[k])
     if diff:
@@ -393,6 +413,11 @@ def _run(
 
         model, tokenizer, source = load_from_config(model_cfg)
         model_tag = source.tag
+        model_source = None if source.kind == "embedded" else source.path_or_id
+    else:
+        model_source = model_cfg.model
+    if model_source is not None and Path(model_source).exists():
+        model_source = str(Path(model_source).resolve())  # analyses find the base model from anywhere
     assert tokenizer is not None
     if cfg.method == "lora":
         for p in model.parameters():
@@ -440,6 +465,7 @@ def _run(
         "optimizer": cfg.optimizer,
         "setting": roles.setting,
         "model": model_tag,
+        "model_source": model_source,
         "lr": cfg.lr,
         "epochs": cfg.epochs,
         "roles": dataclasses.asdict(roles),
@@ -547,7 +573,8 @@ def _run(
                 "epoch_seconds": round(time.perf_counter() - t_epoch, 3),
             }
             rows.append(row)
-            _save_checkpoint(paths, epoch, model, updater, {"epoch": epoch, "summary": rows})
+            if cfg.checkpoint:
+                _save_checkpoint(paths, epoch, model, updater, {"epoch": epoch, "summary": rows})
             _write_summary(paths, columns, rows)
             run_info["epochs_done"] = epoch
             atomic_write_json(paths.run_json, run_info)

@@ -1,0 +1,345 @@
+"""Tests for :mod:`cnl.report` and ``cnl report`` on run directories written by hand (no model needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from cnl.cli import main
+from cnl.errors import CnlError
+from cnl.report import (
+    build_report,
+    check_same_sets,
+    load_run_record,
+    plot_curves,
+    render_markdown,
+    write_report,
+)
+
+IN_SET_COLUMNS = ["epoch", "train_avg_loss", "wrong_to_correct", "correct_to_wrong", "masked_fraction"]
+SETS = {
+    "mastered": {"file": "/data/x_correct_m.jsonl", "sha256": "aaaa000011112222", "count": 60},
+    "injection": {"file": "/data/x_wrong_m.jsonl", "sha256": "bbbb000011112222", "count": 40},
+}
+
+
+def make_run(
+    root: Path,
+    name: str,
+    method: str,
+    learned: list[int],
+    forgotten: list[int],
+    *,
+    optimizer: str = "sgd",
+    setting: str = "in-set",
+    columns: list[str] | None = None,
+    learn_set: str = "injection",
+    forget_set: str = "mastered",
+    sets: dict[str, Any] | None = None,
+    learn_total: int = 40,
+    forget_total: int = 60,
+) -> Path:
+    """A run directory as 'cnl train' writes it: run.json and summary.csv."""
+    d = root / name
+    d.mkdir(parents=True)
+    columns = columns or IN_SET_COLUMNS
+    info = {
+        "method": method,
+        "optimizer": optimizer,
+        "setting": setting,
+        "columns": columns,
+        "learn_set": learn_set,
+        "forget_set": forget_set,
+        "learn_total": learn_total,
+        "forget_total": forget_total,
+        "sets": sets or SETS,
+        "status": "finished",
+        "epochs_done": len(learned),
+    }
+    (d / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    with open(d / "summary.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for i, (lv, fv) in enumerate(zip(learned, forgotten, strict=True), start=1):
+            extra = [0.25] * (len(columns) - 4)
+            w.writerow([i, round(3.0 / i, 6), lv, fv, *extra])
+    return d
+
+
+@pytest.fixture
+def ft_cnl(tmp_path: Path) -> tuple[Path, Path]:
+    ft = make_run(tmp_path, "ft-sgd", "ft", [10, 12, 11], [6, 9, 12])
+    cnl = make_run(tmp_path, "cnl-sgd", "cnl", [8, 12, 12], [0, 0, 3])
+    return ft, cnl
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        code = e.code
+        return 0 if code is None else code if isinstance(code, int) else 1
+
+
+# ------------------------------------------------------------------------------------- load_run_record
+
+
+def test_load_run_record(ft_cnl: tuple[Path, Path]) -> None:
+    r = load_run_record(ft_cnl[1])
+    assert r.epochs == [1, 2, 3]
+    assert r.learned == [8, 12, 12]
+    assert r.forgotten == [0, 0, 3]
+    assert r.label == "cnl/sgd"
+    assert r.name == "cnl-sgd"
+
+
+def test_load_run_record_reads_the_settings_columns(tmp_path: Path) -> None:
+    cols = ["epoch", "train_avg_loss", "wrong2_to_correct", "correct_to_wrong"]
+    d = make_run(tmp_path, "ood", "cnl", [1, 2], [3, 4], setting="ood-wrong", columns=cols, learn_set="injection2")
+    r = load_run_record(d)
+    assert (r.learned, r.forgotten) == ([1, 2], [3, 4])
+
+
+def test_not_a_run_directory(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CnlError, match="not a run directory") as e:
+        load_run_record(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(e.value)
+    with pytest.raises(CnlError, match="not a run directory"):
+        load_run_record(tmp_path / "missing")
+
+
+def test_run_without_summary_or_epochs(tmp_path: Path) -> None:
+    d = make_run(tmp_path, "r", "ft", [], [])
+    with pytest.raises(CnlError, match="no finished epoch"):
+        load_run_record(d)
+    (d / "summary.csv").unlink()
+    with pytest.raises(CnlError, match="no summary.csv"):
+        load_run_record(d)
+
+
+# ---------------------------------------------------------------------------------------- build_report
+
+
+def test_build_report_numbers(ft_cnl: tuple[Path, Path]) -> None:
+    runs = [load_run_record(d) for d in ft_cnl]
+    rep = build_report(runs)
+    assert rep["learn_set"] == "injection" and rep["forget_set"] == "mastered"
+    assert rep["baseline"] == "ft-sgd"
+    ft, cnl = rep["rows"]
+    assert ft["run"] == "ft-sgd" and cnl["run"] == "cnl-sgd"
+    assert (ft["method"], ft["optimizer"], ft["setting"], ft["epochs"]) == ("ft", "sgd", "in-set", 3)
+    assert (ft["learn_total"], ft["forget_total"]) == (40, 60)
+
+    # final epoch
+    assert (ft["final_learned"], ft["final_forgotten"]) == (11, 12)
+    assert ft["final_learned_pct"] == pytest.approx(27.5)
+    assert ft["final_forgotten_pct"] == pytest.approx(20.0)
+    assert (cnl["final_learned"], cnl["final_forgotten"]) == (12, 3)
+    assert cnl["final_learned_pct"] == pytest.approx(30.0)  # 12 of 40
+    assert cnl["final_forgotten_pct"] == pytest.approx(5.0)  # 3 of 60
+
+    # best epoch: most learned; ft's is epoch 2 (12); cnl ties at 12 in epochs 2 and 3: fewer forgotten wins
+    assert (ft["best_epoch"], ft["best_learned"], ft["best_forgotten"]) == (2, 12, 9)
+    assert ft["best_forgotten_pct"] == pytest.approx(15.0)
+    assert (cnl["best_epoch"], cnl["best_learned"], cnl["best_forgotten"]) == (2, 12, 0)
+    assert cnl["best_learned_pct"] == pytest.approx(30.0)
+    assert cnl["best_forgotten_pct"] == 0.0
+
+    # forgetting reduction vs ft at the final epoch: (12 - 3) / 12
+    assert ft["forgetting_reduction_pct"] is None
+    assert cnl["forgetting_reduction_pct"] == pytest.approx(75.0)
+
+
+def test_best_epoch_ties(tmp_path: Path) -> None:
+    # most learned first; among those, fewest forgotten (here a later epoch) ...
+    a = make_run(tmp_path, "a", "cnl", [5, 7, 6, 7], [1, 4, 0, 2])
+    row = build_report([load_run_record(a)])["rows"][0]
+    assert (row["best_epoch"], row["best_learned"], row["best_forgotten"]) == (4, 7, 2)
+    # ... and among full ties the earliest
+    b = make_run(tmp_path, "b", "cnl", [5, 7, 7, 7], [1, 2, 2, 4])
+    row = build_report([load_run_record(b)])["rows"][0]
+    assert (row["best_epoch"], row["best_learned"], row["best_forgotten"]) == (2, 7, 2)
+
+
+def test_reduction_can_be_negative_and_order_does_not_matter(tmp_path: Path) -> None:
+    cnl = make_run(tmp_path, "cnl", "cnl", [3], [8])
+    ft = make_run(tmp_path, "ft", "ft", [4], [5])
+    rep = build_report([load_run_record(cnl), load_run_record(ft)])  # ft not first
+    assert rep["baseline"] == "ft"
+    assert rep["rows"][0]["forgetting_reduction_pct"] == pytest.approx(-60.0)  # (5 - 8) / 5
+
+
+def test_no_ft_run_means_no_reduction(tmp_path: Path) -> None:
+    a = make_run(tmp_path, "cnl-sgd", "cnl", [1, 2], [0, 1])
+    b = make_run(tmp_path, "cnl-adam", "cnl", [3, 4], [2, 2], optimizer="adam")
+    rep = build_report([load_run_record(a), load_run_record(b)])
+    assert rep["baseline"] is None
+    assert all(r["forgetting_reduction_pct"] is None for r in rep["rows"])
+    md = render_markdown(rep)
+    assert md.count("| n/a |") == 2
+    assert "| baseline |" not in md and "ft forgot nothing" not in md
+
+
+def test_ft_forgot_nothing_means_no_reduction(tmp_path: Path) -> None:
+    ft = make_run(tmp_path, "ft", "ft", [1, 2], [3, 0])
+    c = make_run(tmp_path, "cnl", "cnl", [1, 1], [0, 0])
+    rep = build_report([load_run_record(ft), load_run_record(c)])
+    assert rep["rows"][1]["forgetting_reduction_pct"] is None
+    md = render_markdown(rep)
+    assert "n/a (ft forgot nothing)" in md
+    assert "| baseline |" in md
+
+
+def test_zero_totals_do_not_divide_by_zero(tmp_path: Path) -> None:
+    d = make_run(tmp_path, "r", "ft", [0], [0], learn_total=0, forget_total=0)
+    row = build_report([load_run_record(d)])["rows"][0]
+    assert row["final_learned_pct"] == 0.0 and row["final_forgotten_pct"] == 0.0
+
+
+def test_no_runs_refused() -> None:
+    with pytest.raises(CnlError, match="no runs"):
+        build_report([])
+
+
+@pytest.mark.parametrize("role", ["forget", "learn"])
+def test_runs_on_different_sets_refused(tmp_path: Path, role: str) -> None:
+    other = json.loads(json.dumps(SETS))
+    changed = "mastered" if role == "forget" else "injection"
+    other[changed] = {"file": f"/elsewhere/{changed}.jsonl", "sha256": "ffff999988887777", "count": 60}
+    a = make_run(tmp_path, "a", "ft", [1], [2])
+    b = make_run(tmp_path, "b", "cnl", [1], [2], sets=other)
+    runs = [load_run_record(a), load_run_record(b)]
+    with pytest.raises(CnlError) as e:
+        check_same_sets(runs)
+    msg = str(e.value)
+    assert str(a) in msg and str(b) in msg
+    assert changed in msg
+    assert SETS[changed]["file"] in msg and other[changed]["file"] in msg
+    assert ("forgetting" if role == "forget" else "learning") in msg
+    with pytest.raises(CnlError):
+        build_report(runs)
+
+
+def test_forget_set_of_another_setting_refused(tmp_path: Path) -> None:
+    """An ood-correct run measures forgetting on M2; it cannot share a table with an in-set run."""
+    sets = {**SETS, "mastered2": {"file": "/data/x_correct2_m.jsonl", "sha256": "cccc", "count": 30}}
+    cols = ["epoch", "train_avg_loss", "wrong_to_correct", "correct2_to_wrong"]
+    a = make_run(tmp_path, "a", "ft", [1], [2])
+    b = make_run(tmp_path, "b", "cnl", [1], [2], setting="ood-correct", columns=cols, forget_set="mastered2", sets=sets)
+    with pytest.raises(CnlError, match="mastered2"):
+        build_report([load_run_record(a), load_run_record(b)])
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def test_render_markdown_table(ft_cnl: tuple[Path, Path]) -> None:
+    rep = build_report([load_run_record(d) for d in ft_cnl])
+    md = render_markdown(rep)
+    lines = md.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| run | method |"))
+    assert "learned (final)" in lines[header] and "forgetting reduction vs ft" in lines[header]
+    assert lines[header + 1].startswith("| --- |")
+    body = []
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        body.append(line)
+    assert len(body) == 2
+    ncols = lines[header].count("|")
+    assert all(line.count("|") == ncols for line in body)
+    assert body[0].startswith("| ft-sgd | ft | sgd | in-set | 3 ")
+    assert "| 11 (27.5%) | 12 (20.0%) | 2 | 12 (30.0%) | 9 (15.0%) | baseline |" in body[0]
+    assert body[1].startswith("| cnl-sgd | cnl | sgd | in-set | 3 ")
+    assert "| 12 (30.0%) | 3 (5.0%) | 2 | 12 (30.0%) | 0 (0.0%) | 75.0% |" in body[1]
+    assert "**injection** (40 questions)" in md and "**mastered** (60 questions)" in md
+    assert "![learned and forgotten per epoch](curves.png)" in md
+    assert "curves.png" not in render_markdown(rep, figure=None)
+
+
+# ---------------------------------------------------------------------------------------------- figure
+
+
+def test_plot_curves_draws_every_run(ft_cnl: tuple[Path, Path], tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    third = make_run(tmp_path, "cnl-adam", "cnl", [2, 3, 5, 9], [1, 1, 0, 0], optimizer="adam")
+    runs = [load_run_record(d) for d in (*ft_cnl, third)]
+    path = tmp_path / "fig" / "curves.png"
+    path.parent.mkdir()
+    fig = plot_curves(runs, path)
+    try:
+        assert len(fig.axes) == 2
+        ax_l, ax_f = fig.axes
+        assert len(ax_l.lines) == len(runs) and len(ax_f.lines) == len(runs)
+        for r, ll, lf in zip(runs, ax_l.lines, ax_f.lines, strict=True):
+            assert list(ll.get_xdata()) == r.epochs and list(lf.get_xdata()) == r.epochs
+            assert list(ll.get_ydata()) == r.learned
+            assert list(lf.get_ydata()) == r.forgotten
+            assert ll.get_color() == lf.get_color()  # one colour per run on both panels
+            assert r.name in ll.get_label()
+        assert len({line.get_color() for line in ax_l.lines}) == len(runs)
+        assert "injection" in ax_l.get_title() and "40" in ax_l.get_title()
+        assert "mastered" in ax_f.get_title() and "60" in ax_f.get_title()
+        legend = ax_l.get_legend()
+        assert legend is not None and len(legend.get_texts()) == len(runs)
+    finally:
+        plt.close(fig)
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+# ------------------------------------------------------------------------------------------ write/CLI
+
+
+def test_write_report_files(ft_cnl: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    rep = write_report(list(ft_cnl), out)
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text(encoding="utf-8")) == json.loads(json.dumps(rep))
+    assert (out / "report.md").read_text(encoding="utf-8") == render_markdown(rep)
+
+
+def test_cli_report(ft_cnl: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-out"
+    code = run_cli(["report", str(ft_cnl[0]), str(ft_cnl[1]), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    for name in ("report.md", "report.json", "curves.png"):
+        assert (out / name).is_file(), name
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [r["run"] for r in rep["rows"]] == ["ft-sgd", "cnl-sgd"]
+    assert rep["rows"][1]["forgetting_reduction_pct"] == pytest.approx(75.0)
+    assert "75.0%" in captured.out and "baseline" in captured.out
+    assert "12 (30.0%)" in captured.out
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG"
+
+
+def test_cli_report_mismatched_sets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = {**SETS, "mastered": {"file": "/other/m.jsonl", "sha256": "dddd", "count": 60}}
+    a = make_run(tmp_path, "a", "ft", [1], [2])
+    b = make_run(tmp_path, "b", "cnl", [1], [2], sets=other)
+    out = tmp_path / "out"
+    code = run_cli(["report", str(a), str(b), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error: ")
+    assert "different sets" in captured.err and str(a) in captured.err and str(b) in captured.err
+    assert "Traceback" not in captured.err
+    assert not out.exists()  # nothing written
+
+
+def test_cli_report_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "nothing").mkdir()
+    code = run_cli(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "not a run directory" in captured.err and "Traceback" not in captured.err
