@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnl.optim import ParameterUpdater, SGDRule
+from cnl.optim import ParameterUpdater, SGDRule, sparse_embedding_grads
 from cnl.reference import reference_sign
 from cnl.scoring import Encoded, batch_losses, predict
 
@@ -150,13 +150,26 @@ def cnl_train(model: torch.nn.Module, train_set: Sequence[Encoded], ref: Any, lr
     model.train()
     total = 0.0
     try:
-        for e in train_set:
-            loss = batch_losses(model, [e])[0]
-            loss.backward()
-            total += float(loss)
+        with sparse_embedding_grads(model):
+            for e in train_set:
+                loss = batch_losses(model, [e])[0]
+                loss.backward()
+                total += float(loss)
     finally:
         updater.detach()
     return total / len(train_set)
+
+
+def prepare(model: torch.nn.Module, sample: Encoded) -> None:
+    """Materialise the weights in anonymous memory (not file-backed pages of the safetensors cache)
+    and warm the allocator up with one forward/backward, so phase measurements see only the phase."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch_losses(model, [sample])[0].backward()
+    model.zero_grad(set_to_none=True)
 
 
 def cnl_eval(model: torch.nn.Module, sets: Sequence[Sequence[Encoded]], batch_size: int) -> list[int]:

@@ -5,9 +5,11 @@
 Both variants run the same SPEC §4 epoch (reference gradient over M, one masked SGD update per
 question of I, evaluation on I and M) on the embedded SmolLM2-135M-Instruct (default) and the first
 ``--rows`` questions of ../shared/data/csqa.jsonl, split into M and I by the model itself. Each
-variant runs in its own process so that its peak memory is its own; peak memory is the rise of the
-resident set above the level after loading (Linux VmHWM, reset per phase). Prints seconds and peak
-extra bytes per parameter for each phase, the ratios, and how far apart the two results are.
+variant runs in its own processes: a timing pass on every question, and a memory pass on a few (peak
+memory does not depend on the number of steps) with glibc told to return freed memory at once; peak
+memory is the rise of the resident set above the level after loading (Linux VmHWM, reset per
+phase). Prints seconds and peak extra bytes per parameter for each phase, the ratios, and how far
+apart the two results are.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from cnl.scoring import PromptEncoder, predict  # noqa: E402
 
 def worker(args: argparse.Namespace) -> None:
     model, tok, _ = load_model_and_tokenizer(args.model, device="cpu")
-    for p in model.parameters():
-        p.requires_grad_(True)
     rows = take_limit(read_mc_jsonl(args.data), args.rows)
     enc = PromptEncoder(tok).encode_all(rows)
     split = json.loads(Path(args.split).read_text())
     M = [enc[i] for i in split["mastered"]]
     I_ = [enc[i] for i in split["injection"]]
+    if args.measure == "memory":  # peak memory does not depend on how many steps a phase takes
+        M, I_ = M[:8], I_[:4]
+    C.prepare(model, I_[0])
     result = C.run_epoch(
         args.worker,
         model,
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--ref-chunks", type=int, default=1)
     ap.add_argument("--worker", choices=("naive", "cnl"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     ap.add_argument("--split", help=argparse.SUPPRESS)
     ap.add_argument("--weights-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -87,39 +91,33 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "split.json").write_text(json.dumps(split))
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         for variant in ("naive", "cnl"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                variant,
-                "--split",
-                str(Path(tmp) / "split.json"),
-                "--weights-out",
-                str(Path(tmp) / f"{variant}.pt"),
-                "--data",
-                args.data,
-                "--rows",
-                str(args.rows),
-                "--lr",
-                str(args.lr),
-                "--ref-batch-size",
-                str(args.ref_batch_size),
-                "--eval-batch-size",
-                str(args.eval_batch_size),
-                "--ref-chunks",
-                str(args.ref_chunks),
-            ]
-            if args.model:
-                cmd += ["--model", args.model]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
-            results[variant] = json.loads(line[0][7:])
-        w_naive = torch.load(Path(tmp) / "naive.pt")
-        w_cnl = torch.load(Path(tmp) / "cnl.pt")
+            for measure in ("time", "memory"):
+                # memory pass: glibc returns freed blocks at once, so the resident-set peak is the real peak
+                # (it slows allocation, so the timing pass runs without it)
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else dict(os.environ)
+                cmd = [
+                    sys.executable, __file__, "--worker", variant, "--measure", measure,
+                    "--split", str(Path(tmp) / "split.json"),
+                    "--weights-out", str(Path(tmp) / f"{variant}-{measure}.pt"),
+                    "--data", args.data, "--rows", str(args.rows), "--lr", str(args.lr),
+                    "--ref-batch-size", str(args.ref_batch_size), "--eval-batch-size", str(args.eval_batch_size),
+                    "--ref-chunks", str(args.ref_chunks),
+                ]  # fmt: skip
+                if args.model:
+                    cmd += ["--model", args.model]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode != 0 or not line:
+                    sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
+                res = json.loads(line[0][7:])
+                if measure == "time":
+                    results[variant] = res
+                else:
+                    for phase in ("reference", "train", "eval"):
+                        results[variant][f"{phase}_peak"] = res[f"{phase}_peak"]
+        w_naive = torch.load(Path(tmp) / "naive-time.pt")
+        w_cnl = torch.load(Path(tmp) / "cnl-time.pt")
     n = results["cnl"]["n_params"]
     print()
     print(f"{'phase':<10} {'naive s':>9} {'cnl s':>9} {'speed-up':>9} {'naive B/param':>14} {'cnl B/param':>12}")

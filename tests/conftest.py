@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _test_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test runs offline; unit tests run torch on one thread.
+
+    Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine two OpenMP
+    threads spinning against other processes make each step up to 20x slower. Integration tests (the
+    real model) keep torch's default.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def _one_thread() -> Iterator[None]:
+    """One torch thread for a module-scoped fixture's own work (see :func:`_test_environment`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

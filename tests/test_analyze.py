@@ -33,16 +33,6 @@ from cnl.data import rows_from_dicts
 from cnl.scoring import Encoded, PromptEncoder
 from cnl.testing import DEFAULT_TEMPLATE_FOR_ARCH, make_mc_rows, make_tiny_model, make_tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """The tiny models gain nothing from threads, and busy machines make OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------- helpers (independent)
 
 

@@ -16,40 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cnl.split
 import cnl.train
 from cnl.analyze import distance_table, gradient_distance, neuron_statistics, thirds_follow_up
-from cnl.cli import main
 from cnl.data import read_mc_jsonl
 from cnl.scoring import PromptEncoder
-from cnl.testing import make_mc_rows, write_jsonl
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """The tiny models gain nothing from threads, and busy machines make OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def run_cli(argv: list[str]) -> int:
-    """``cnl.cli.main(argv)``'s exit status, whether it returns or raises SystemExit (argparse)."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        code = e.code
-        return 0 if code is None else code if isinstance(code, int) else 1
+from cnl.testing import make_mc_rows, run_cli, write_jsonl
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

@@ -9,39 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import cnl.split
 from cnl.cli import main
 from cnl.data import read_mc_jsonl, split_halves
 from cnl.models import resolve_model_source
 from cnl.split import MANIFEST, SPLIT_PARTS, split_file_name
-from cnl.testing import write_jsonl
+from cnl.testing import run_cli, write_jsonl
 
 MODEL_DIRS = ["tiny_llama_dir", "tiny_qwen2_dir"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """The tiny models gain nothing from threads, and busy machines make OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def run_cli(argv: list[str]) -> int:
-    """``cnl.cli.main(argv)``'s exit status, whether it returns or raises SystemExit (argparse)."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        code = e.code
-        return 0 if code is None else code if isinstance(code, int) else 1
 
 
 def _dataset(tmp_path: Path, rows: list[dict[str, Any]], name: str = "quiz.jsonl") -> Path:
@@ -142,9 +118,7 @@ def test_split_matches_library_prediction(
     from cnl.scoring import PromptEncoder, predict
 
     model, tok = tiny_qwen2
-    preds = predict(
-        model, PromptEncoder(tok).encode_all(rows_from_dicts(mc_rows)), batch_size=1, progress=False
-    )
+    preds = predict(model, PromptEncoder(tok).encode_all(rows_from_dicts(mc_rows)), batch_size=1, progress=False)
     data = _dataset(tmp_path, mc_rows)
     out = tmp_path / "o"
     argv = ["split", "--model", str(tiny_qwen2_dir), "--dataset", str(data), "--out", str(out)]
@@ -180,9 +154,7 @@ def test_split_limit(
     assert manifest["n"] == 5 and manifest["limit"] == 5
     assert manifest["files"]["correct"]["count"] + manifest["files"]["wrong"]["count"] == 5
     tag = resolve_model_source(str(tiny_llama_dir)).tag
-    written = _read(out / split_file_name("quiz", "correct", tag)) + _read(
-        out / split_file_name("quiz", "wrong", tag)
-    )
+    written = _read(out / split_file_name("quiz", "correct", tag)) + _read(out / split_file_name("quiz", "wrong", tag))
     assert sorted(r["question"] for r in written) == sorted(r["question"] for r in mc_rows[:5])
 
 
@@ -385,9 +357,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert __version__ in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["frobnicate"], ["split"], ["data"], ["data", "prepare", "squad", "--out", "x"]]
-)
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["split"], ["data"], ["data", "prepare", "squad", "--out", "x"]])
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(argv) == 2
     err = capsys.readouterr().err

@@ -358,9 +358,7 @@ def test_resolve_dataset_validates_whole_file_before_limit(tmp_path: Path) -> No
         resolve_dataset(str(p), limit=1)
 
 
-def test_resolve_dataset_local_file_named_like_dataset(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resolve_dataset_local_file_named_like_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("csqa").write_text(GOOD + "\n", encoding="utf-8")
     rows, tag = resolve_dataset("csqa")

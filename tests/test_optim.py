@@ -20,14 +20,6 @@ LR = 0.05
 ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def linear(seed: int = 0) -> torch.nn.Linear:
     torch.manual_seed(seed)
     return torch.nn.Linear(5, 3)
@@ -311,9 +303,7 @@ def test_tied_weight_gets_one_update_with_the_summed_gradient(in_backward: bool)
     grads = dict(zip(theta0, torch.autograd.grad(loss, list(model.parameters())), strict=True))
     # the summed gradient differs from either use's gradient alone
     emb_only = torch.autograd.grad(
-        F.cross_entropy(
-            (torch.tanh(model.mix(model.emb(ids).mean(0))) @ theta0["emb.weight"].t())[None], target[None]
-        ),
+        F.cross_entropy((torch.tanh(model.mix(model.emb(ids).mean(0))) @ theta0["emb.weight"].t())[None], target[None]),
         model.emb.weight,
     )[0]
     assert not torch.allclose(emb_only, grads["emb.weight"])

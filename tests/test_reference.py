@@ -12,14 +12,6 @@ from cnl.scoring import PromptEncoder
 from cnl.testing import make_mc_rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def setup(tiny_qwen2):
     model, tok = tiny_qwen2

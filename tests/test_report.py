@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cnl.cli import main
 from cnl.errors import CnlError
 from cnl.report import (
     build_report,
@@ -20,6 +19,7 @@ from cnl.report import (
     render_markdown,
     write_report,
 )
+from cnl.testing import run_cli
 
 IN_SET_COLUMNS = ["epoch", "train_avg_loss", "wrong_to_correct", "correct_to_wrong", "masked_fraction"]
 SETS = {
@@ -76,14 +76,6 @@ def ft_cnl(tmp_path: Path) -> tuple[Path, Path]:
     ft = make_run(tmp_path, "ft-sgd", "ft", [10, 12, 11], [6, 9, 12])
     cnl = make_run(tmp_path, "cnl-sgd", "cnl", [8, 12, 12], [0, 0, 3])
     return ft, cnl
-
-
-def run_cli(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        code = e.code
-        return 0 if code is None else code if isinstance(code, int) else 1
 
 
 # ------------------------------------------------------------------------------------- load_run_record

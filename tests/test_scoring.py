@@ -28,15 +28,6 @@ from cnl.testing import CHATML_DEFAULT_SYSTEM_PROMPT, make_mc_rows, make_tiny_mo
 ARCH_FIXTURES = ["tiny_llama", "tiny_qwen2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """The tiny models gain nothing from threads, and busy machines make OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 LONG_SENTENCE = "The weather that day was cold and the streets were wet after the rain. "
 
 
@@ -120,8 +111,7 @@ def test_bos_added_when_template_does_not_print_it() -> None:
     ids = enc.prompt_ids("Question: Why?\nOptions:\nA: x\nB: y")
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert (
-        ids[1:]
-        == tok(enc.prompt_text("Question: Why?\nOptions:\nA: x\nB: y"), add_special_tokens=False)["input_ids"]
+        ids[1:] == tok(enc.prompt_text("Question: Why?\nOptions:\nA: x\nB: y"), add_special_tokens=False)["input_ids"]
     )
 
 
@@ -131,9 +121,7 @@ def test_chatml_no_bos_and_default_system_prompt(tiny_qwen2: tuple[Any, Any]) ->
     enc = PromptEncoder(tok)
     q = make_mc_rows(1)[0]["question"]
     text = enc.prompt_text(q)
-    assert text.startswith(
-        f"<|im_start|>system\n{CHATML_DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-    )
+    assert text.startswith(f"<|im_start|>system\n{CHATML_DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     ids = enc.prompt_ids(q)
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
@@ -141,9 +129,7 @@ def test_chatml_no_bos_and_default_system_prompt(tiny_qwen2: tuple[Any, Any]) ->
     assert ids == tok(text, add_special_tokens=True)["input_ids"]  # nothing added either way
 
 
-def test_llama3_gets_fixed_date_whatever_today_is(
-    tiny_llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_llama3_gets_fixed_date_whatever_today_is(tiny_llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers.utils.chat_template_utils as ctu
 
     _, tok = tiny_llama
@@ -158,9 +144,7 @@ def test_llama3_gets_fixed_date_whatever_today_is(
             return _dt.datetime(2031, 1, 2, 3, 4, 5)
 
     monkeypatch.setattr(ctu, "datetime", FakeDatetime)
-    raw = tok.apply_chat_template(
-        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-    )
+    raw = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
     if "02 Jan 2031" not in raw:  # pragma: no cover - transformers changed how templates get the date
         pytest.skip("could not fake today's date for the chat template")
     # Another day: the plain template prints that day, the encoder still prints FIXED_DATE.

@@ -193,9 +193,7 @@ def test_saved_dir_reloads_offline_with_identical_logits(
     )
     for text in TEXTS:
         for special in (False, True):
-            assert tok.encode(text, add_special_tokens=special) == ref_tok.encode(
-                text, add_special_tokens=special
-            )
+            assert tok.encode(text, add_special_tokens=special) == ref_tok.encode(text, add_special_tokens=special)
     question = make_mc_rows(3)[2]["question"]
     prompt = _prompt(tok, question, date_string="26 Jul 2024")
     assert prompt == _prompt(ref_tok, question, date_string="26 Jul 2024")

@@ -58,15 +58,6 @@ ROLES = {
 LR = {"sgd": 1e-2, "momentum": 1e-2, "adam": 1e-3, "adamw": 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~20x faster than two fighting OpenMP threads on 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------ data
 SET_FILES = ("mastered", "injection", "mastered1", "mastered2", "injection1", "injection2")
 
@@ -380,19 +371,14 @@ def test_first_cnl_sgd_step_equals_spec_formula(tmp_path, sets):
     masked = float(rows[0]["masked_fraction"]) * n_elements
     assert masked == pytest.approx(conflicts, abs=n_ambiguous + 0.1)
     saved = AutoModelForCausalLM.from_pretrained(out / "model")
-    for (name, p), e, t, gi, amb in zip(
-        saved.named_parameters(), expected, theta0, g, ambiguous, strict=True
-    ):
+    for (name, p), e, t, gi, amb in zip(saved.named_parameters(), expected, theta0, g, ambiguous, strict=True):
         p = p.detach()
         torch.testing.assert_close(p[~amb], e[~amb], rtol=0, atol=1e-6, msg=name)
         either = torch.isclose(p, t, rtol=0, atol=1e-6) | torch.isclose(p, t - lr * gi, rtol=0, atol=1e-6)
         assert bool(either[amb].all()), name
     # the unmasked (ft) update is measurably different
     unmasked = [t - lr * gi for t, gi in zip(theta0, g, strict=True)]
-    assert (
-        max(float((p.detach() - u).abs().max()) for p, u in zip(saved.parameters(), unmasked, strict=True))
-        > 1e-4
-    )
+    assert max(float((p.detach() - u).abs().max()) for p, u in zip(saved.parameters(), unmasked, strict=True)) > 1e-4
     assert float(rows[0]["train_avg_loss"]) == pytest.approx(
         float(spec_loss(base, tok, injection[0]).detach()), abs=1e-5
     )
@@ -516,9 +502,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, sets, tiny_qwen
 
 
 @pytest.mark.parametrize(("method", "optimizer"), [("cnl", "momentum"), ("lora", "adamw"), ("ft", "adamw")])
-def test_resume_after_crash_in_epoch_two_equals_uninterrupted_run(
-    tmp_path, sets, monkeypatch, method, optimizer
-):
+def test_resume_after_crash_in_epoch_two_equals_uninterrupted_run(tmp_path, sets, monkeypatch, method, optimizer):
     cfg = {"method": method, "optimizer": optimizer, "epochs": 3, "lr": 1e-2}
     a, b = tmp_path / "a", tmp_path / "b"
     ma, tok = fresh_model()
@@ -619,8 +603,20 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path, sets, tiny_qwen2
 
 
 def test_extending_a_finished_run_without_checkpoint_is_refused(tmp_path, sets, tiny_qwen2_dir, capsys):
-    common = ["train", "--model", str(tiny_qwen2_dir), "--device", "cpu", "--out", str(tmp_path / "ext"),
-              "--method", "ft", "--lr", "1e-3", *data_flags(sets, ("mastered", "injection"))]
+    common = [
+        "train",
+        "--model",
+        str(tiny_qwen2_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "ext"),
+        "--method",
+        "ft",
+        "--lr",
+        "1e-3",
+        *data_flags(sets, ("mastered", "injection")),
+    ]
     assert main([*common, "--epochs", "1"]) == 0
     before = (tmp_path / "ext" / "summary.csv").read_text()
     capsys.readouterr()
@@ -674,9 +670,7 @@ def test_error_empty_mastered_set_for_cnl(tmp_path, sets, capsys, no_model_load)
     out = tmp_path / "out"
     err = cli_error(
         capsys,
-        base_args(
-            out, "--method", "cnl", "--mastered", str(empty), "--injection", str(sets["files"]["injection"])
-        ),
+        base_args(out, "--method", "cnl", "--mastered", str(empty), "--injection", str(sets["files"]["injection"])),
     )
     assert "empty" in err and "empty.jsonl" in err
     assert not out.exists()
@@ -693,9 +687,7 @@ def test_error_empty_mastered_set_for_cnl(tmp_path, sets, capsys, no_model_load)
 )
 def test_error_missing_halves_names_the_sets(tmp_path, sets, capsys, no_model_load, method, setting, missing):
     out = tmp_path / "out"
-    argv = base_args(
-        out, "--method", method, "--setting", setting, *data_flags(sets, ("mastered", "injection"))
-    )
+    argv = base_args(out, "--method", method, "--setting", setting, *data_flags(sets, ("mastered", "injection")))
     err = cli_error(capsys, argv)
     for name in missing:
         assert name in err and f"--{name}" in err
@@ -731,9 +723,7 @@ def test_error_out_is_a_file_or_set_file_missing(tmp_path, sets, capsys, no_mode
     missing = tmp_path / "nope.jsonl"
     err = cli_error(
         capsys,
-        base_args(
-            tmp_path / "out", "--mastered", str(sets["files"]["mastered"]), "--injection", str(missing)
-        ),
+        base_args(tmp_path / "out", "--mastered", str(sets["files"]["mastered"]), "--injection", str(missing)),
     )
     assert "not found" in err and "nope.jsonl" in err
     assert not (tmp_path / "out").exists()
@@ -745,9 +735,7 @@ def test_error_unknown_key_in_config_yaml(tmp_path, sets, capsys, no_model_load)
     err = cli_error(capsys, base_args(tmp_path / "out", *data_flags(sets), "--config", str(cfg)))
     assert "learning_rate" in err and "c.yaml" in err
     cfg.write_text("train:\n  lr: 0.01\n  epoch: 2\n")
-    assert "'epoch'" in cli_error(
-        capsys, base_args(tmp_path / "out", *data_flags(sets), "--config", str(cfg))
-    )
+    assert "'epoch'" in cli_error(capsys, base_args(tmp_path / "out", *data_flags(sets), "--config", str(cfg)))
     cfg.write_text("train: {lr: 0.01}\ntrian: {}\n")
     assert "trian" in cli_error(capsys, base_args(tmp_path / "out", *data_flags(sets), "--config", str(cfg)))
 
@@ -843,9 +831,7 @@ def test_save_model_lora_adapter(tmp_path, sets):
 
     model, tok = fresh_model()
     out = tmp_path / "run"
-    run_train(
-        out, sets, model=model, tokenizer=tok, method="lora", optimizer="adamw", lr=1e-2, save_model=True
-    )
+    run_train(out, sets, model=model, tokenizer=tok, method="lora", optimizer="adamw", lr=1e-2, save_model=True)
     assert (out / "model" / "adapter_config.json").exists()
     adapter_cfg = json.loads((out / "model" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 16 and adapter_cfg["lora_alpha"] == 32
@@ -861,9 +847,7 @@ def test_save_model_lora_adapter(tmp_path, sets):
     trained = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}  # base mutated in place
     assert trained
     loaded = PeftModel.from_pretrained(fresh_model()[0], out / "model")
-    got = {
-        n.removeprefix("base_model.model."): p.detach() for n, p in loaded.named_parameters() if "lora_" in n
-    }
+    got = {n.removeprefix("base_model.model."): p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
     assert set(got) == set(trained)
     for n, p in trained.items():
         assert torch.equal(got[n], p), n
@@ -885,9 +869,7 @@ def test_config_layering_preset_yaml_cli(tmp_path):
     y.write_text("lr: 1e-3\noptimizer: adam\nmethods:\n  lora:\n    lr: 0.5\n")
     cfg, *_ = resolve(["train", "--out", str(tmp_path), *preset, "--config", str(y)])
     assert (cfg.lr, cfg.epochs, cfg.optimizer) == (1e-3, 25, "adam")  # YAML over preset
-    cfg, *_ = resolve(
-        ["train", "--out", str(tmp_path), *preset, "--config", str(y), "--epochs", "2", "--lr", "5e-4"]
-    )
+    cfg, *_ = resolve(["train", "--out", str(tmp_path), *preset, "--config", str(y), "--epochs", "2", "--lr", "5e-4"])
     assert (cfg.lr, cfg.epochs, cfg.optimizer) == (5e-4, 2, "adam")  # CLI over YAML
     cfg, *_ = resolve(["train", "--out", str(tmp_path), *preset, "--config", str(y), "--method", "lora"])
     assert cfg.lr == 0.5  # YAML's per-method value over the preset's
@@ -922,9 +904,7 @@ def test_resolved_config_yaml_can_be_fed_back(tmp_path, sets, tiny_qwen2_dir):
     second = tmp_path / "second"
     assert main(["train", "--config", str(first / "config.yaml"), "--out", str(second)]) == 0
     assert yaml.safe_load((second / "config.yaml").read_text()) == resolved
-    assert without_seconds(read_csv(first / "summary.csv")[1]) == without_seconds(
-        read_csv(second / "summary.csv")[1]
-    )
+    assert without_seconds(read_csv(first / "summary.csv")[1]) == without_seconds(read_csv(second / "summary.csv")[1])
     assert prediction_files(first) == prediction_files(second)
 
 

@@ -64,6 +64,12 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=No
             print("  ".join("-" * w for w in widths), file=out)
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(
+        parser, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model"
+    )
+
+
 # ----------------------------------------------------------------------------------------- split
 def cmd_split(args: argparse.Namespace) -> int:
     from .data import resolve_dataset
@@ -110,7 +116,7 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick runs)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
-    add_dataclass_arguments(p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    _add_model_arguments(p)
     p.set_defaults(handler=cmd_split)
 
 
@@ -225,7 +231,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         group_title="training",
     )
     add_dataclass_arguments(p, DataConfig, group_title="data")
-    add_dataclass_arguments(p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    _add_model_arguments(p)
     p.set_defaults(handler=cmd_train)
 
 
@@ -417,7 +423,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     add_dataclass_arguments(
         n, DataConfig, exclude=("mastered1", "mastered2", "injection1", "injection2"), group_title="data"
     )
-    add_dataclass_arguments(n, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    _add_model_arguments(n)
     n.set_defaults(handler=cmd_analyze_neurons)
     d = asub.add_parser(
         "distance",
@@ -429,7 +435,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--ft-run", required=True, type=Path, help="run directory of an ft run ('cnl train --method ft')")
     d.add_argument("--out", required=True, type=Path, help="output directory")
     d.add_argument("--batch-size", type=int, default=8, help="questions per backward pass for g_I' (default: 8)")
-    add_dataclass_arguments(d, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    _add_model_arguments(d)
     d.set_defaults(handler=cmd_analyze_distance)
 
 
@@ -581,7 +587,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     p.add_argument("--preset", default=None, help="preset (default: the one named like the model)")
-    add_dataclass_arguments(p, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model")
+    _add_model_arguments(p)
     p.set_defaults(handler=cmd_compare)
 
 

@@ -289,6 +289,9 @@ class TrainConfig:
     update_in_backward: bool = True
     """Apply each parameter's update in the backward pass as soon as its gradient is ready (no full
     gradient copy kept); off: backward first, then update (same numbers, more memory)."""
+    sparse_embedding_grad: bool = True
+    """During training steps, let the input embedding give a sparse gradient so that a tied embedding
+    keeps one dense gradient buffer instead of two (same sum up to float summation order)."""
     save_model: bool = False
     """Save the final weights (LoRA: the adapter) in Hugging Face format into RUN_DIR/model."""
     checkpoint: bool = True

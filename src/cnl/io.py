@@ -29,24 +29,30 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def atomic_open(
-    path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8"
-) -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` for writing; move it onto ``path`` only on success."""
-    path = Path(path)
+def _temp_sibling(path: Path) -> Iterator[tuple[int, str]]:
+    """A temporary file next to ``path``, moved onto ``path`` when the block succeeds, removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    binary = "b" in mode
     try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield fd, tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; move it onto ``path`` only on success."""
+    binary = "b" in mode
+    with (
+        _temp_sibling(Path(path)) as (fd, _),
+        os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else "") as f,
+    ):
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -76,9 +82,7 @@ def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, An
     return n
 
 
-def atomic_write_csv(
-    path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
+def atomic_write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write a CSV file (header + rows) atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -89,16 +93,8 @@ def atomic_write_csv(
 
 def atomic_save(path: str | os.PathLike[str], save: Callable[[str], None]) -> None:
     """Run ``save(tmp_path)`` (e.g. ``torch.save`` or ``safetensors.save_file``), then move into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _temp_sibling(Path(path)) as (fd, tmp):
+        os.close(fd)
         save(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

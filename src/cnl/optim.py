@@ -16,14 +16,24 @@ Every method of ``cnl train`` shares these pieces:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from .mask import SignReference
 
-__all__ = ["UpdateRule", "SGDRule", "MomentumRule", "AdamRule", "make_rule", "ParameterUpdater", "OPTIMIZERS"]
+__all__ = [
+    "sparse_embedding_grads",
+    "UpdateRule",
+    "SGDRule",
+    "MomentumRule",
+    "AdamRule",
+    "make_rule",
+    "ParameterUpdater",
+    "OPTIMIZERS",
+]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
@@ -48,10 +58,7 @@ class UpdateRule:
     def load_state_dict(self, sd: dict[str, Any], device: torch.device | None = None) -> None:
         """Restore :meth:`state_dict` (tensors moved to ``device``)."""
         self.state = {
-            name: {
-                k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
-                for k, v in s.items()
-            }
+            name: {k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v) for k, v in s.items()}
             for name, s in sd["state"].items()
         }
 
@@ -89,9 +96,7 @@ class AdamRule(UpdateRule):
     rest of the update, as SPEC §4 states.
     """
 
-    def __init__(
-        self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
-    ):
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__()
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
 
@@ -172,6 +177,8 @@ class ParameterUpdater:
         grad = param.grad
         if grad is None:
             return
+        if grad.is_sparse:  # an untied embedding under sparse_embedding_grads
+            grad = grad.to_dense()
         name = self.names[param]
         u = self.rule.direction(name, param, grad)
         if self.reference is not None and param in self.reference:
@@ -213,3 +220,24 @@ class ParameterUpdater:
         n = 0 if self._masked is None else int(self._masked)
         self._masked = None
         return n
+
+
+@contextlib.contextmanager
+def sparse_embedding_grads(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Let the input embedding produce a sparse gradient (only the rows of the prompt's tokens).
+
+    With tied embeddings the output head already holds a dense gradient for the shared weight; the
+    embedding's own contribution would be a second dense tensor of the same size. As a sparse
+    tensor it is added in place, so the backward pass keeps one embedding-sized buffer instead of
+    two. The sum is the same up to float summation order.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not enabled or not isinstance(emb, torch.nn.Embedding):
+        yield
+        return
+    before = emb.sparse
+    emb.sparse = True
+    try:
+        yield
+    finally:
+        emb.sparse = before

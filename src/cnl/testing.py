@@ -547,3 +547,14 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
         for row in rows:
             fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
     return path
+
+
+def run_cli(argv: list[str]) -> int:
+    """``cnl.cli.main(argv)``'s exit status, whether it returns or raises ``SystemExit`` (argparse)."""
+    from .cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        code = e.code
+        return 0 if code is None else code if isinstance(code, int) else 1

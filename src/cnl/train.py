@@ -34,7 +34,7 @@ from .config import METHODS, SETTINGS, DataConfig, ModelConfig, TrainConfig, to_
 from .data import MCRow, read_mc_jsonl
 from .errors import CnlError, ConfigError
 from .io import atomic_save, atomic_write_csv, atomic_write_json, atomic_write_jsonl, atomic_write_text
-from .optim import OPTIMIZERS, ParameterUpdater, make_rule
+from .optim import OPTIMIZERS, ParameterUpdater, make_rule, sparse_embedding_grads
 from .reference import reference_sign
 from .scoring import Encoded, PromptEncoder, batch_losses, predict
 from .sets import SetRoles, resolve_set_files, roles_for
@@ -165,9 +165,7 @@ def _save_checkpoint(
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
     }
-    atomic_save(
-        folder / "optimizer.pt", lambda tmp: torch.save({"rule": updater.rule.state_dict(), "rng": rng}, tmp)
-    )
+    atomic_save(folder / "optimizer.pt", lambda tmp: torch.save({"rule": updater.rule.state_dict(), "rng": rng}, tmp))
     atomic_write_json(folder / "state.json", state)
     atomic_write_json(root / "latest.json", {"epoch": epoch, "folder": folder.name})
     for old in root.iterdir():
@@ -175,9 +173,7 @@ def _save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(
-    paths: RunPaths, model: torch.nn.Module, updater: ParameterUpdater
-) -> dict[str, Any] | None:
+def _load_checkpoint(paths: RunPaths, model: torch.nn.Module, updater: ParameterUpdater) -> dict[str, Any] | None:
     """Restore the latest complete checkpoint; return its state (None when there is none)."""
     from safetensors.torch import load_file
 
@@ -211,10 +207,7 @@ def _write_summary(paths: RunPaths, columns: list[str], rows: list[dict[str, Any
 def _write_predictions(path: Path, rows: Sequence[MCRow], letters: Sequence[str]) -> None:
     atomic_write_jsonl(
         path,
-        (
-            {"label": r.label, "predict_label": x, "question": r.question}
-            for r, x in zip(rows, letters, strict=True)
-        ),
+        ({"label": r.label, "predict_label": x, "question": r.question} for r, x in zip(rows, letters, strict=True)),
     )
 
 
@@ -525,19 +518,20 @@ def _run(
                 disable=(progress is False) or None,
                 leave=False,
             )
-            for i, e in enumerate(bar):
-                loss = batch_losses(model, [e], pad_id)[0]
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    row = train_rows[i]
-                    raise TrainingError(
-                        f"epoch {epoch}, training sample {i + 1} (line {row.line}): loss is {value}; "
-                        f"try a smaller learning rate. Finished epochs are kept in {paths.root}"
-                    )
-                loss.backward()
-                if not cfg.update_in_backward:
-                    updater.step()
-                loss_sum += value
+            with sparse_embedding_grads(model, cfg.sparse_embedding_grad and cfg.method != "lora"):
+                for i, e in enumerate(bar):
+                    loss = batch_losses(model, [e], pad_id)[0]
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        row = train_rows[i]
+                        raise TrainingError(
+                            f"epoch {epoch}, training sample {i + 1} (line {row.line}): loss is {value}; "
+                            f"try a smaller learning rate. Finished epochs are kept in {paths.root}"
+                        )
+                    loss.backward()
+                    if not cfg.update_in_backward:
+                        updater.step()
+                    loss_sum += value
             bar.close()
             masked = updater.pop_masked()
             masked_fraction = masked / (updater.n_elements * len(train_enc)) if roles.reference else 0.0
