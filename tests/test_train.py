@@ -572,26 +572,8 @@ def test_resume_rejects_a_different_model_or_dtype(tmp_path, sets, tiny_qwen2_di
 
 
 def test_extending_a_finished_run_equals_a_longer_run(tmp_path, sets, tiny_qwen2_dir):
-    def argv(out, epochs, *extra):
-        return [
-            "train",
-            "--model",
-            str(tiny_qwen2_dir),
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--method",
-            "cnl",
-            "--optimizer",
-            "adamw",
-            "--lr",
-            "1e-3",
-            "--epochs",
-            str(epochs),
-            *data_flags(sets, ("mastered", "injection")),
-            *extra,
-        ]
+    def argv(out, epochs, *extra):  # flags given later override cli_train_args' own
+        return cli_train_args(tiny_qwen2_dir, sets, out, "--optimizer", "adamw", "--epochs", str(epochs), *extra)
 
     assert main(argv(tmp_path / "long", 2)) == 0
     assert main(argv(tmp_path / "ext", 1, "--keep-checkpoint")) == 0
@@ -603,20 +585,7 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path, sets, tiny_qwen2
 
 
 def test_extending_a_finished_run_without_checkpoint_is_refused(tmp_path, sets, tiny_qwen2_dir, capsys):
-    common = [
-        "train",
-        "--model",
-        str(tiny_qwen2_dir),
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "ext"),
-        "--method",
-        "ft",
-        "--lr",
-        "1e-3",
-        *data_flags(sets, ("mastered", "injection")),
-    ]
+    common = cli_train_args(tiny_qwen2_dir, sets, tmp_path / "ext", "--method", "ft")
     assert main([*common, "--epochs", "1"]) == 0
     before = (tmp_path / "ext" / "summary.csv").read_text()
     capsys.readouterr()
