@@ -586,3 +586,15 @@ def test_embedded_second_load_reuses_cache(embedded):
     marker = json.loads((folder / M._MARKER).read_text())
     assert marker["size"] == embedded_gguf_path().stat().st_size
     print(f"\nconversion {first:.1f} s (recorded {marker['seconds']} s), cached load {second:.2f} s")
+
+
+def test_saved_run_model_is_tagged_with_the_run_name(tmp_path: Path) -> None:
+    run = tmp_path / "cnl-momentum"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "run.json").write_text("{}")
+    assert resolve_model_source(str(run / "model")).tag == "cnl-momentum"
+    plain = tmp_path / "elsewhere" / "model"
+    plain.mkdir(parents=True)
+    (plain / "config.json").write_text("{}")
+    assert resolve_model_source(str(plain)).tag == "model"

@@ -180,7 +180,7 @@ def resolve_train_configs(
     data_cfg = build_config(DataConfig, (str(args.config), file_data), ("command line", cli_data))
 
     preset = args.preset
-    if preset is None and args.config is None:
+    if preset is None:  # the model's own preset sits beneath --config and the flags
         preset = find_preset_for_model(resolve_model_source(model_cfg.model).tag)
     layers: list[tuple[str, dict]] = [(f"{method} defaults", METHOD_DEFAULTS.get(method, {}))]
     if preset is not None:
@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     train_cfg, data_cfg, model_cfg, preset = resolve_train_configs(args)
     if preset:
-        print(f"preset {preset}: lr {train_cfg.lr:g}, {train_cfg.epochs} epochs", file=sys.stderr)
+        print(f"preset {preset}; resolved: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch(s)", file=sys.stderr)
     rows = train(train_cfg, data_cfg, model_cfg, args.out, resume=args.resume)
     if rows:
         print(f"\nsummary: {Path(args.out) / 'summary.csv'}")

@@ -123,9 +123,7 @@ def validate_row(obj: Any, *, path: str | Path | None = None, line: int | None =
             line,
         )
     if label not in letters:
-        raise DataError(
-            f"label {obj['label']!r} is not among the question's options {', '.join(letters)}", path, line
-        )
+        raise DataError(f"label {obj['label']!r} is not among the question's options {', '.join(letters)}", path, line)
     return MCRow(question=question, label=label, letters=letters, raw=obj, line=line or 0)
 
 
@@ -232,7 +230,5 @@ def resolve_dataset(name_or_path: str, *, limit: int | None = None) -> tuple[lis
         rows = rows_from_dicts(load_named_dataset(name_or_path), source=f"dataset '{name_or_path}'")
         tag = name_or_path
     else:
-        raise DataError(
-            f"'{name_or_path}' is neither a JSONL file nor a named dataset ({', '.join(NAMED_DATASETS)})"
-        )
+        raise DataError(f"'{name_or_path}' is neither a JSONL file nor a named dataset ({', '.join(NAMED_DATASETS)})")
     return take_limit(rows, limit), tag

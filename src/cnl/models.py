@@ -212,7 +212,9 @@ def resolve_model_source(model: str | None) -> ModelSource:
                     "model directory (save one with model.save_pretrained(dir) and "
                     "tokenizer.save_pretrained(dir))."
                 )
-            return ModelSource("local", str(path), _safe_tag(path.name))
+            # a run's saved model (RUN_DIR/model) is named after its run
+            name = path.parent.name if path.name == "model" and (path.parent / "run.json").exists() else path.name
+            return ModelSource("local", str(path), _safe_tag(name))
         if path.suffix.lower() == ".gguf":
             return ModelSource("gguf", str(path), gguf_tag(path))
         raise ModelError(
@@ -261,18 +263,12 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError) as exc:
-        raise ModelError(
-            f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N', ... ({exc})"
-        ) from exc
+        raise ModelError(f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N', ... ({exc})") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelError(
-                f"Device {device!r} asked for, but CUDA is not available; use --device cpu or auto."
-            )
+            raise ModelError(f"Device {device!r} asked for, but CUDA is not available; use --device cpu or auto.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(
-                f"Device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist."
-            )
+            raise ModelError(f"Device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"Device {device!r} asked for, but MPS is not available; use --device cpu or auto.")
     return dev
@@ -396,9 +392,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     bad = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
     packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
     if bad or packed:
-        raise ModelError(
-            f"GGUF {gguf} was not fully dequantised (e.g. {(bad + packed)[:3]}); cannot cache it."
-        )
+        raise ModelError(f"GGUF {gguf} was not fully dequantised (e.g. {(bad + packed)[:3]}); cannot cache it.")
 
     # Drop the GGUF quantisation bookkeeping: the saved copy is a plain float model.
     if hasattr(model.config, "quantization_config"):
@@ -409,9 +403,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
         if out_emb is None or out_emb.weight is not in_emb.weight:
-            raise ModelError(
-                f"{gguf}: config says tie_word_embeddings but the loaded embeddings are not tied."
-            )
+            raise ModelError(f"{gguf}: config says tie_word_embeddings but the loaded embeddings are not tied.")
 
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
@@ -598,9 +590,7 @@ def load_model_and_tokenizer(
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelError(
-                f"The tokenizer of {source} has neither a pad nor an EOS token; cannot pad batches."
-            )
+            raise ModelError(f"The tokenizer of {source} has neither a pad nor an EOS token; cannot pad batches.")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     gen = getattr(lm, "generation_config", None)

@@ -90,7 +90,8 @@ def build_report(runs: list[RunRecord]) -> dict[str, Any]:
     if not runs:
         raise CnlError("no runs given")
     check_same_sets(runs)
-    ft = next((r for r in runs if r.info["method"] == "ft"), None)
+    fts = [r for r in runs if r.info["method"] == "ft"]
+    ft = fts[0] if fts else None
     rows = []
     for r in runs:
         lt, ft_total = r.info["learn_total"], r.info["forget_total"]
@@ -114,9 +115,13 @@ def build_report(runs: list[RunRecord]) -> dict[str, Any]:
             "best_forgotten": r.forgotten[best],
             "best_forgotten_pct": _pct(r.forgotten[best], ft_total),
             "forgetting_reduction_pct": None,
+            "baseline_run": None,
         }
-        if ft is not None and r is not ft:
-            base = ft.forgotten[-1]
+        if fts and r.info["method"] != "ft":
+            # the ft run with the same optimizer when there is one, else the first ft run
+            baseline = next((f for f in fts if f.info["optimizer"] == r.info["optimizer"]), fts[0])
+            base = baseline.forgotten[-1]
+            row["baseline_run"] = baseline.name
             row["forgetting_reduction_pct"] = 100.0 * (base - r.forgotten[-1]) / base if base else None
         rows.append(row)
     return {
@@ -147,7 +152,8 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         elif red is None:
             red_s = "n/a" if report["baseline"] is None else "n/a (ft forgot nothing)"
         else:
-            red_s = f"{red:.1f}%"
+            several = sum(1 for x in rows if x["method"] == "ft") > 1
+            red_s = f"{red:.1f}%" + (f" (vs {r['baseline_run']})" if several else "")
         lines.append(
             f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | {r['epochs']} "
             f"| {r['final_learned']} ({r['final_learned_pct']:.1f}%) "

@@ -106,18 +106,14 @@ def resolve_set_files(data: DataConfig, roles: SetRoles) -> dict[str, Path]:
     given = {name: getattr(data, name) for name in _PARTS}
     if data.split is not None:
         if any(v is not None for v in given.values()):
-            raise ConfigError(
-                "give either --split DIR or explicit set files (--mastered, --injection, ...), not both"
-            )
+            raise ConfigError("give either --split DIR or explicit set files (--mastered, --injection, ...), not both")
         result = read_split_manifest(data.split)
         files = result.manifest["files"]
         paths = {name: result.out_dir / files[part]["file"] for name, part in _PARTS.items() if part in files}
         origin = f"split directory {data.split}"
     else:
         if given["mastered"] is None and given["injection"] is None:
-            raise ConfigError(
-                "no data: give --split DIR (from 'cnl split') or --mastered FILE --injection FILE"
-            )
+            raise ConfigError("no data: give --split DIR (from 'cnl split') or --mastered FILE --injection FILE")
         paths = {name: Path(v) for name, v in given.items() if v is not None}
         origin = "the command line"
     missing = [n for n in roles.needed() if n not in paths]

@@ -120,9 +120,7 @@ def read_split_manifest(split_dir: str | Path) -> SplitResult:
     if not d.is_dir():
         raise DataError("split directory not found", d)
     if not path.exists():
-        raise DataError(
-            f"no {MANIFEST} here: not a directory written by 'cnl split' (or it was interrupted)", d
-        )
+        raise DataError(f"no {MANIFEST} here: not a directory written by 'cnl split' (or it was interrupted)", d)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -503,9 +503,7 @@ def answer_trailer(n_options: int) -> str:
     if not 2 <= n_options <= len(_LETTERS):
         raise ValueError(f"n_options must be in 2..{len(_LETTERS)}, got {n_options}")
     letters = list(_LETTERS[:n_options])
-    listed = (
-        f"{letters[0]} or {letters[1]}" if n_options == 2 else ", ".join(letters[:-1]) + f", or {letters[-1]}"
-    )
+    listed = f"{letters[0]} or {letters[1]}" if n_options == 2 else ", ".join(letters[:-1]) + f", or {letters[-1]}"
     return f"Please reply with only {listed}. Do not provide any explanation."
 
 

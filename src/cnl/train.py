@@ -111,6 +111,19 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown setting {cfg.setting!r} (choose from {', '.join(SETTINGS)})")
     if cfg.setting == "replay" and cfg.method != "replay":
         raise ConfigError("the replay setting goes with --method replay")
+    if cfg.method == "replay" and cfg.setting not in ("in-set", "replay"):
+        raise ConfigError(
+            f"--method replay has its own setting (train I + M1, forgetting on M2); drop --setting {cfg.setting}"
+        )
+    for name in ("momentum", "beta1", "beta2", "lora_dropout"):
+        value = getattr(cfg, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    for name in ("eps", "lora_alpha"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.adamw_weight_decay < 0:
+        raise ConfigError(f"adamw_weight_decay must be >= 0, got {cfg.adamw_weight_decay}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate must be a positive number, got {cfg.lr}")
     if cfg.epochs < 1:
@@ -533,6 +546,13 @@ def _run(
                         updater.step()
                     loss_sum += value
             bar.close()
+            bad = [n for n, p in updater.params if not bool(torch.isfinite(p).all())]
+            if bad:  # caught before anything of this epoch is written: the last checkpoint stays good
+                raise TrainingError(
+                    f"epoch {epoch}: the weights became non-finite ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}); try a smaller learning rate. "
+                    f"Finished epochs are kept in {paths.root}"
+                )
             masked = updater.pop_masked()
             masked_fraction = masked / (updater.n_elements * len(train_enc)) if roles.reference else 0.0
             t_train = time.perf_counter() - t0
@@ -579,11 +599,20 @@ def _run(
                 f"masked {masked_fraction:.1%}  ref {_fmt_seconds(t_ref)} train {_fmt_seconds(t_train)} "
                 f"eval {_fmt_seconds(t_eval)}"
             )
-    except TrainingError as e:
-        run_info["status"] = "failed"
-        run_info["error"] = str(e)
+    except BaseException as e:
+        # any stop leaves run.json saying so (finished epochs and their checkpoint are untouched)
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if isinstance(e, torch.OutOfMemoryError):
+            e = TrainingError(
+                f"out of memory in epoch {run_info['epochs_done'] + 1}: lower --ref-batch-size or "
+                "--eval-batch-size, or use --ref-chunks 2 (or more); finished epochs are kept"
+            )
+        run_info["status"] = status
+        run_info["error"] = f"{type(e).__name__}: {e}"
         atomic_write_json(paths.run_json, run_info)
-        log.error(str(e))
+        log.error(run_info["error"])
+        if isinstance(e, TrainingError):
+            raise e from None
         raise
     finally:
         updater.detach()
