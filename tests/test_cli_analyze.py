@@ -324,3 +324,18 @@ def test_analyze_distance_from_another_directory(
     assert code == 0, captured.err
     rows = _read(elsewhere / "d" / "distance.jsonl")
     assert len(rows) == json.loads((work / "split" / "split.json").read_text())["files"]["correct"]["count"]
+
+
+def test_analyze_distance_refuses_a_run_whose_sets_changed(
+    compared: Compared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "ft-copy"
+    shutil.copytree(compared.out / "runs" / "ft-sgd", run)
+    info = json.loads((run / "run.json").read_text())
+    info["sets"][info["forget_set"]]["sha256"] = "0" * 16  # as if the file had been rewritten since
+    (run / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert run_cli(["analyze", "distance", "--ft-run", str(run), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the run" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()

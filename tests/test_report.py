@@ -335,3 +335,18 @@ def test_cli_report_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     captured = capsys.readouterr()
     assert code == 2
     assert "not a run directory" in captured.err and "Traceback" not in captured.err
+
+
+def test_each_run_is_compared_with_the_ft_run_of_its_optimizer(tmp_path: Path) -> None:
+    ft_sgd = make_run(tmp_path, "ft-sgd", "ft", [10], [20])
+    ft_adam = make_run(tmp_path, "ft-adam", "ft", [12], [10], optimizer="adam")
+    cnl_adam = make_run(tmp_path, "cnl-adam", "cnl", [11], [5], optimizer="adam")
+    cnl_mom = make_run(tmp_path, "cnl-momentum", "cnl", [9], [5], optimizer="momentum")
+    rows = {
+        r["run"]: r for r in build_report([load_run_record(d) for d in (ft_sgd, ft_adam, cnl_adam, cnl_mom)])["rows"]
+    }
+    assert rows["cnl-adam"]["baseline_run"] == "ft-adam"
+    assert rows["cnl-adam"]["forgetting_reduction_pct"] == pytest.approx(50.0)
+    assert rows["cnl-momentum"]["baseline_run"] == "ft-sgd"  # no ft/momentum: the first ft run
+    assert rows["cnl-momentum"]["forgetting_reduction_pct"] == pytest.approx(75.0)
+    assert rows["ft-adam"]["baseline_run"] is None

@@ -675,6 +675,11 @@ def test_error_missing_halves_names_the_sets(tmp_path, sets, capsys, no_model_lo
         (["--method", "replay", "--optimizer", "adam"], "replay"),
         (["--method", "lora", "--optimizer", "adam"], "lora"),
         (["--ref-batch-size", "0"], "ref_batch_size"),
+        (["--method", "replay", "--setting", "ood-wrong"], "replay has its own setting"),
+        (["--optimizer", "adam", "--beta2", "1.0"], "beta2"),
+        (["--method", "lora", "--lora-dropout", "2"], "lora_dropout"),
+        (["--momentum", "-0.1"], "momentum"),
+        (["--eps", "0"], "eps"),
     ],
 )
 def test_error_bad_options(tmp_path, sets, capsys, no_model_load, flags, text):
@@ -921,3 +926,46 @@ def test_cli_train_on_a_split_directory(tmp_path, tiny_qwen2_dir, tiny_qwen2, ca
     # --split and explicit set files together are refused
     err = cli_error(capsys, [*argv[:-6], "--out", str(tmp_path / "x"), "--mastered", "m.jsonl"])
     assert "--split" in err
+
+
+def test_non_finite_weights_stop_before_the_epoch_is_written(tmp_path, sets, monkeypatch):
+    """An update that leaves NaN weights (while the loss was still finite) is caught before that
+    epoch's row, predictions or checkpoint are written; epoch 1 and its checkpoint stay good."""
+    orig = T.ParameterUpdater.update
+    steps = [0]
+    n_train = len(sets["rows"]["injection"])
+
+    def poisoned(self, param):
+        orig(self, param)
+        if self.names[param].endswith("norm.weight") and steps[0] == 2 * n_train:  # last step of epoch 2
+            with torch.no_grad():
+                param.fill_(float("nan"))
+
+    def count(*args, **kw):
+        steps[0] += 1
+        return orig_losses(*args, **kw)
+
+    orig_losses = T.batch_losses
+    monkeypatch.setattr(T.ParameterUpdater, "update", poisoned)
+    monkeypatch.setattr(T, "batch_losses", count)
+    out = tmp_path / "nanw"
+    with pytest.raises(T.TrainingError, match="epoch 2: the weights became non-finite"):
+        run_train(out, sets, method="ft", epochs=3, keep_checkpoint=True)
+    _, rows = read_csv(out / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert not list((out / "predictions").glob("epoch_002_*"))
+    assert json.loads((out / "checkpoint" / "latest.json").read_text())["epoch"] == 1
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "non-finite" in info["error"]
+
+
+def test_any_exception_marks_the_run_failed(tmp_path, sets, monkeypatch):
+    def boom(*args, **kw):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(T, "predict", boom)
+    out = tmp_path / "boom"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_train(out, sets, method="ft")
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "disk on fire" in info["error"]

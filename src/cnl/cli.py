@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -308,15 +309,31 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
     info = run.info
     if info["method"] != "ft":
         print(f"note: {args.ft_run} is a {info['method']} run; SPEC §5 uses an ft run", file=sys.stderr)
+    if info.get("setting", "in-set") != "in-set":
+        print(
+            f"note: {args.ft_run} uses the {info['setting']} setting: I' comes from its learning set "
+            f"({info['learn_set']}) and the mastered questions are its forgetting set ({info['forget_set']})",
+            file=sys.stderr,
+        )
+    if info.get("status") != "finished":
+        print(f"note: {args.ft_run} is {info.get('status')}; using its last finished epoch", file=sys.stderr)
     paths = RunPaths(Path(args.ft_run))
     final = run.epochs[-1]
     learn, forget = info["learn_set"], info["forget_set"]
-    learn_rows = read_mc_jsonl(info["sets"][learn]["file"])
-    forget_rows = read_mc_jsonl(info["sets"][forget]["file"])
-    learn_pred = read_mc_jsonl(paths.prediction_file(final, learn))
-    forget_pred = read_mc_jsonl(paths.prediction_file(final, forget))
+    for name in (learn, forget):  # the sets must be the ones the run was trained and evaluated on
+        meta = info["sets"][name]
+        if not Path(meta["file"]).is_file():
+            raise CnlError(f"{args.ft_run}: its {name} set {meta['file']} is gone")
+        if hashlib.sha256(Path(meta["file"]).read_bytes()).hexdigest()[:16] != meta["sha256"]:
+            raise CnlError(f"{args.ft_run}: its {name} set {meta['file']} changed since the run")
+    learn_rows = read_mc_jsonl(info["sets"][learn]["file"], allow_empty=True)
+    forget_rows = read_mc_jsonl(info["sets"][forget]["file"], allow_empty=True)
+    learn_pred = read_mc_jsonl(paths.prediction_file(final, learn), allow_empty=True)
+    forget_pred = read_mc_jsonl(paths.prediction_file(final, forget), allow_empty=True)
     if len(learn_pred) != len(learn_rows) or len(forget_pred) != len(forget_rows):
         raise CnlError(f"{args.ft_run}: final-epoch predictions do not match the run's sets")
+    if all(p.raw["predict_label"] == r.label for r, p in zip(learn_rows, learn_pred, strict=True)):
+        raise CnlError(f"{args.ft_run}: every {learn} question was learned by the final epoch; I' is empty")
     _check_batch_size(args.batch_size)
     cfg = _model_config(args)
     if "model" not in vars(args):  # the run's own base model (resolved path when it was a local one)
@@ -536,7 +553,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"\n== {i}/{len(methods) + 2} train {meth}/{c.optimizer}: lr {c.lr:g}, {c.epochs} epochs"
             + (f" (preset {preset})" if preset else "")
         )
-        train(c, data, cfg, run_dir, resume=True)
+        try:
+            train(c, data, cfg, run_dir, resume=True)
+        except ConfigError as e:
+            if "--resume with" not in str(e):
+                raise
+            raise ConfigError(
+                f"{run_dir} holds a run made with other options ({str(e).split(': ', 1)[-1]}); "
+                "use another --out or delete that directory"
+            ) from None
         run_dirs.append(run_dir)
     print(f"\n== {len(methods) + 2}/{len(methods) + 2} report")
     report = write_report(run_dirs, out / "report")

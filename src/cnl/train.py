@@ -412,6 +412,11 @@ def _run(
             tqdm.write(msg, file=sys.stdout)
 
     # ---- 2. model
+    if model_cfg.dtype != "float32":
+        say(
+            f"note: training in {model_cfg.dtype}; SPEC trains in float32, and updates at small learning rates "
+            "can vanish below the precision of 16-bit weights"
+        )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if model is None:
