@@ -371,3 +371,24 @@ def test_rule_state_round_trip_continues_identically(kind: str):
     up_b.step()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_sparse_embedding_grads_only_for_tied_embeddings_same_gradient() -> None:
+    from cnl.optim import sparse_embedding_grads
+    from cnl.testing import make_tiny_model, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer("chatml")
+    ids = torch.tensor([tok("Question: which one? A: x B: y", add_special_tokens=False)["input_ids"]])
+    for tied in (True, False):
+        model = make_tiny_model("qwen2", vocab_size=len(tok), tie_word_embeddings=tied)
+        emb = model.get_input_embeddings()
+        grads = []
+        for sparse in (False, True):
+            model.zero_grad(set_to_none=True)
+            with sparse_embedding_grads(model, enabled=sparse):
+                assert emb.sparse == (sparse and tied)
+                model(input_ids=ids).logits[0, -1].logsumexp(-1).backward()
+            assert emb.sparse is False  # restored
+            g = emb.weight.grad
+            grads.append(g.to_dense() if g.is_sparse else g.clone())
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -224,7 +224,7 @@ class ParameterUpdater:
 
 @contextlib.contextmanager
 def sparse_embedding_grads(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Let the input embedding produce a sparse gradient (only the rows of the prompt's tokens).
+    """Let a tied input embedding produce a sparse gradient (only the rows of the prompt's tokens).
 
     With tied embeddings the output head already holds a dense gradient for the shared weight; the
     embedding's own contribution would be a second dense tensor of the same size. As a sparse
@@ -232,7 +232,9 @@ def sparse_embedding_grads(model: torch.nn.Module, enabled: bool = True) -> Iter
     two. The sum is the same up to float summation order.
     """
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not enabled or not isinstance(emb, torch.nn.Embedding):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = isinstance(emb, torch.nn.Embedding) and head is not None and head.weight is emb.weight
+    if not enabled or not tied:  # untied: a sparse gradient would only be densified again in the update
         yield
         return
     before = emb.sparse

@@ -218,10 +218,20 @@ def predict(
     bar = tqdm(total=len(encoded), desc=desc, unit="q", disable=(progress is False) or None, leave=False)
     try:
         for idx in iter_batches(encoded, batch_size):
-            logits = last_token_logits(model, [encoded[i].input_ids for i in idx], pad_id).float()
+            logits = last_token_logits(model, [encoded[i].input_ids for i in idx], pad_id)
+            # one gather and one device-to-host copy per batch (no sync per question on a GPU)
+            width = max(len(encoded[i].candidates) for i in idx)
+            index = torch.tensor(
+                [
+                    list(encoded[i].candidates) + [encoded[i].candidates[0]] * (width - len(encoded[i].candidates))
+                    for i in idx
+                ],
+                device=logits.device,
+            )
+            picked = torch.gather(logits, 1, index).float().cpu()
             for row, i in enumerate(idx):
                 e = encoded[i]
-                c = logits[row, list(e.candidates)]
+                c = picked[row, : len(e.candidates)]
                 letters[i] = e.letters[int(torch.argmax(c))]
                 cand[i] = c.tolist()
             bar.update(len(idx))
