@@ -716,26 +716,13 @@ def test_error_unknown_key_in_config_yaml(tmp_path, sets, capsys, no_model_load)
 
 def test_error_output_dir_holds_another_run(tmp_path, sets, capsys, tiny_qwen2_dir, monkeypatch):
     out = tmp_path / "out"
-    argv = [
-        "train",
-        "--model",
-        str(tiny_qwen2_dir),
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--lr",
-        "0.01",
-        *data_flags(sets),
-    ]
+    argv = cli_train_args(tiny_qwen2_dir, sets, out, "--optimizer", "sgd", "--epochs", "1", "--lr", "0.01")
     assert main(argv) == 0
     before = (out / "summary.csv").read_text()
     import cnl.models
 
     monkeypatch.setattr(cnl.models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
-    err = cli_error(capsys, [*argv[: -len(data_flags(sets))], "--method", "ft", *data_flags(sets)])
+    err = cli_error(capsys, [*argv, "--method", "ft"])
     assert "already holds a run" in err and "--resume" in err
     assert (out / "summary.csv").read_text() == before
 
@@ -766,20 +753,7 @@ def test_nan_loss_stops_with_training_error_and_keeps_epoch_one(tmp_path, sets, 
 def test_nan_loss_via_cli_exits_2(tmp_path, sets, monkeypatch, capsys, tiny_qwen2_dir):
     orig = T.batch_losses
     monkeypatch.setattr(T, "batch_losses", lambda *a, **k: orig(*a, **k) * float("nan"))
-    argv = [
-        "train",
-        "--model",
-        str(tiny_qwen2_dir),
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "o"),
-        "--epochs",
-        "2",
-        "--lr",
-        "0.01",
-        *data_flags(sets),
-    ]
+    argv = cli_train_args(tiny_qwen2_dir, sets, tmp_path / "o", "--optimizer", "sgd", "--epochs", "2", "--lr", "0.01")
     err = cli_error(capsys, argv)
     assert "epoch 1" in err and "sample 1" in err
 
