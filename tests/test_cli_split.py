@@ -394,3 +394,24 @@ def test_out_is_a_file(
     assert "loaded in" not in err
     assert out.read_text() == "not a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "quiz.jsonl"]
+
+
+def test_missing_chat_template_fails_before_the_weights_load(
+    tmp_path: Path, mc_rows: list[dict[str, str]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
+
+    from cnl.testing import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "no-template", arch="qwen2")
+    (model_dir / "chat_template.jinja").unlink()
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded")
+    )
+    out = tmp_path / "out"
+    code = run_cli(
+        ["split", "--model", str(model_dir), "--dataset", str(_dataset(tmp_path, mc_rows[:4])), "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "chat template" in err and "Traceback" not in err
+    assert not out.exists()

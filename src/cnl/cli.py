@@ -36,11 +36,15 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     return build_config(ModelConfig, ("command line", values_from_namespace(args, ModelConfig)))
 
 
-def _load_model(cfg: ModelConfig):
+def _load_model(cfg: ModelConfig, rows: Sequence = ()):
+    """Load the model; ``rows`` (questions) are encoded with the tokenizer first, before the weights."""
     from .models import load_from_config
+    from .scoring import PromptEncoder
 
     t0 = time.perf_counter()
-    model, tokenizer, source = load_from_config(cfg)
+    model, tokenizer, source = load_from_config(
+        cfg, check_tokenizer=(lambda tok: PromptEncoder(tok).encode_all(rows)) if rows else None
+    )
     n_params = sum(p.numel() for p in model.parameters())
     device = next(model.parameters()).device
     print(
@@ -82,7 +86,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise CnlError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out}: exists and is not a directory")
-    model, tokenizer, source = _load_model(cfg)
+    model, tokenizer, source = _load_model(cfg, rows)
     result = run_split(
         rows,
         model,
@@ -258,11 +262,14 @@ def cmd_analyze_neurons(args: argparse.Namespace) -> int:
     cfg = _model_config(args)
     data = build_config(DataConfig, ("command line", values_from_namespace(args, DataConfig)))
     files = resolve_set_files(data, roles_for("in-set", "cnl"))  # needs M and I
+    every: list = []
     for name in ("mastered", "injection"):
-        if not read_mc_jsonl(files[name]):  # validated before the model loads
+        part = read_mc_jsonl(files[name], allow_empty=True)  # validated before the model loads
+        if not part:
             raise CnlError(f"{files[name]}: the {name} set is empty")
+        every += part
     _check_batch_size(args.batch_size)
-    model, tokenizer, source = _load_model(cfg)
+    model, tokenizer, source = _load_model(cfg, every)
     for p in model.parameters():
         p.requires_grad_(True)
     rows, enc = _encode_sets(tokenizer, files, ("mastered", "injection"))
@@ -338,7 +345,7 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
     cfg = _model_config(args)
     if "model" not in vars(args):  # the run's own base model (resolved path when it was a local one)
         cfg.model = info.get("model_source", info["config"]["model"]["model"])
-    model, tokenizer, source = _load_model(cfg)
+    model, tokenizer, source = _load_model(cfg, [*learn_rows, *forget_rows])
     for p in model.parameters():
         p.requires_grad_(True)
     from .scoring import PromptEncoder
@@ -536,7 +543,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         + (" (reused)" if reuse else "")
     )
     if not reuse:
-        model, tokenizer, source = _load_model(cfg)
+        model, tokenizer, source = _load_model(cfg, rows)
         result = run_split(rows, model, tokenizer, dataset_tag=tag, model_tag=source.tag, out_dir=split_dir, extra=want)
         del model
         m = result.manifest

@@ -518,7 +518,11 @@ def _weights_format(folder: Path) -> bool:
 
 
 def _from_pretrained(
-    source: ModelSource, where: str, torch_dtype: torch.dtype, trust_remote_code: bool
+    source: ModelSource,
+    where: str,
+    torch_dtype: torch.dtype,
+    trust_remote_code: bool,
+    check_tokenizer: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -528,8 +532,10 @@ def _from_pretrained(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        if check_tokenizer is not None:  # cheap checks before the (possibly large) weights load
+            check_tokenizer(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)
-    except ModelError:
+    except CnlError:
         raise
     except Exception as exc:
         detail = f"{type(exc).__name__}: {exc}"
@@ -556,6 +562,7 @@ def load_model_and_tokenizer(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    check_tokenizer: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     """Load a causal language model and its tokenizer, ready for scoring and training.
 
@@ -566,6 +573,8 @@ def load_model_and_tokenizer(
         device: ``"auto"`` (CUDA if available, else CPU) or any torch device string.
         trust_remote_code: allow running Python code shipped with a hub / local model. Off by default;
             converted GGUF models never need it.
+        check_tokenizer: called with the tokenizer before the weights load (e.g. to encode every
+            question, so that a missing chat template fails in seconds, not after a 7B model loads).
 
     Returns:
         ``(model, tokenizer, source)``. The model is on ``device`` in ``dtype`` and in ``eval()`` mode
@@ -586,7 +595,7 @@ def load_model_and_tokenizer(
     else:
         where = source.path_or_id
 
-    lm, tokenizer = _from_pretrained(source, where, torch_dtype, trust_remote_code)
+    lm, tokenizer = _from_pretrained(source, where, torch_dtype, trust_remote_code, check_tokenizer)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -602,14 +611,17 @@ def load_model_and_tokenizer(
     return lm, tokenizer, source
 
 
-def load_from_config(cfg: Any) -> tuple[Any, Any, ModelSource]:
-    """Load from a :class:`cnl.config.ModelConfig` and apply its process-wide CPU settings.
+def load_from_config(cfg: Any, check_tokenizer: Any = None) -> tuple[Any, Any, ModelSource]:
+    """Load from a :class:`cnl.config.ModelConfig` and apply its process-wide CPU setting.
 
-    ``flush_denormal`` makes the CPU treat denormal floats (below 1.2e-38) as zero: fp32 kernels
-    otherwise fall onto a slow path on many CPUs (about 3x slower forward passes measured on this
-    project's 2-core machines); the numbers it changes are far below anything a loss can resolve.
+    ``flush_denormal`` makes the CPU treat denormal floats (below 1.2e-38) as zero (faster on CPUs
+    with slow denormal arithmetic); it is off unless the configuration asks for it.
     """
     torch.set_flush_denormal(bool(getattr(cfg, "flush_denormal", False)))
     return load_model_and_tokenizer(
-        cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+        check_tokenizer=check_tokenizer,
     )

@@ -422,7 +422,12 @@ def _run(
     if model is None:
         from .models import load_from_config
 
-        model, tokenizer, source = load_from_config(model_cfg)
+        def check(tok: Any) -> None:  # no chat template / ambiguous letters: fail before the weights load
+            enc = PromptEncoder(tok)
+            for rows in sets.values():
+                enc.encode_all(rows)
+
+        model, tokenizer, source = load_from_config(model_cfg, check_tokenizer=check)
         model_tag = source.tag
         model_source = None if source.kind == "embedded" else source.path_or_id
     else:
