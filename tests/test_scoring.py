@@ -330,3 +330,20 @@ def test_batch_losses_gradient_matches_single(tiny_llama: tuple[Any, Any]) -> No
         batch_losses(model, [e]).sum().backward()
     for g_b, p in zip(batched, params, strict=True):
         torch.testing.assert_close(g_b, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_check_fails_fast_like_encode_all(tiny_qwen2) -> None:
+    from cnl.data import rows_from_dicts
+    from cnl.errors import CnlError
+    from cnl.scoring import PromptEncoder
+    from cnl.testing import make_mc_rows
+
+    _, tok = tiny_qwen2
+    rows = rows_from_dicts(make_mc_rows(6))
+    PromptEncoder(tok).check(rows)  # a good tokenizer passes
+    enc = PromptEncoder(tok)
+    enc._letter_cache = {x: 7 for x in "ABCDE"}  # every letter on one token
+    with pytest.raises(CnlError, match="distinct answer tokens"):
+        enc.check(rows)
+    with pytest.raises(CnlError, match="distinct answer tokens"):
+        enc.encode_all(rows)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,7 +106,6 @@ class NeuronStatistics:
     per_parameter: dict[str, ClassCounts]
     mastered_loss: float = 0.0
     injection_loss: float = 0.0
-    groups: dict[str, Any] = field(default_factory=dict)
 
     def overall(self) -> ClassCounts:
         total = ClassCounts()

@@ -12,7 +12,7 @@ import argparse
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
@@ -29,8 +29,6 @@ from .config import (
 )
 from .errors import CnlError, ConfigError
 
-Handler = Callable[[argparse.Namespace], int]
-
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     return build_config(ModelConfig, ("command line", values_from_namespace(args, ModelConfig)))
@@ -43,7 +41,7 @@ def _load_model(cfg: ModelConfig, rows: Sequence = ()):
 
     t0 = time.perf_counter()
     model, tokenizer, source = load_from_config(
-        cfg, check_tokenizer=(lambda tok: PromptEncoder(tok).encode_all(rows)) if rows else None
+        cfg, check_tokenizer=(lambda tok: PromptEncoder(tok).check(rows)) if rows else None
     )
     n_params = sum(p.numel() for p in model.parameters())
     device = next(model.parameters()).device

@@ -107,11 +107,16 @@ class PromptEncoder:
             self._letter_cache[letter] = int(ids[-1])
         return self._letter_cache[letter]
 
+    def candidates(self, letters: tuple[str, ...]) -> tuple[int, ...]:
+        """Answer tokens of ``letters``; an error when two letters share a token."""
+        tokens = tuple(self.letter_token(x) for x in letters)
+        if len(set(tokens)) != len(tokens):
+            raise CnlError(f"letters {letters} do not map to distinct answer tokens with this tokenizer")
+        return tokens
+
     def encode(self, row: MCRow) -> Encoded:
         """Encode one question."""
-        candidates = tuple(self.letter_token(x) for x in row.letters)
-        if len(set(candidates)) != len(candidates):
-            raise CnlError(f"letters {row.letters} do not map to distinct answer tokens with this tokenizer")
+        candidates = self.candidates(row.letters)
         return Encoded(
             input_ids=tuple(self.prompt_ids(row.question)),
             target=self.letter_token(row.label),
@@ -119,6 +124,14 @@ class PromptEncoder:
             letters=row.letters,
             label=row.label,
         )
+
+    def check(self, rows: Sequence[MCRow]) -> None:
+        """Fail fast on what would stop :meth:`encode_all` (the template, letters without distinct
+        answer tokens) without tokenizing every question: one prompt and each distinct letter set."""
+        if rows:
+            self.prompt_ids(rows[0].question)
+        for letters in {r.letters for r in rows}:
+            self.candidates(letters)
 
     def encode_all(self, rows: Sequence[MCRow]) -> list[Encoded]:
         """Encode many questions (tokenization is cheap next to a forward pass)."""

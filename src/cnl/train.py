@@ -39,7 +39,7 @@ from .reference import reference_sign
 from .scoring import Encoded, PromptEncoder, batch_losses, predict
 from .sets import SetRoles, resolve_set_files, roles_for
 
-__all__ = ["TrainingError", "RunPaths", "validate_train_config", "train", "summary_columns", "load_run"]
+__all__ = ["TrainingError", "RunPaths", "validate_train_config", "train", "summary_columns"]
 
 log = logging.getLogger("cnl.train")
 
@@ -423,9 +423,7 @@ def _run(
         from .models import load_from_config
 
         def check(tok: Any) -> None:  # no chat template / ambiguous letters: fail before the weights load
-            enc = PromptEncoder(tok)
-            for rows in sets.values():
-                enc.encode_all(rows)
+            PromptEncoder(tok).check([r for rows in sets.values() for r in rows])
 
         model, tokenizer, source = load_from_config(model_cfg, check_tokenizer=check)
         model_tag = source.tag
@@ -647,11 +645,3 @@ def _save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
-
-
-def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run directory's ``run.json`` (clear error when it is not a run)."""
-    p = RunPaths(Path(run_dir))
-    if not p.run_json.exists():
-        raise ConfigError(f"{p.root}: not a run directory (no run.json)")
-    return json.loads(p.run_json.read_text())
