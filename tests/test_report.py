@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_cli
 from PIL import Image
 
 from cnl.errors import CnlError
@@ -19,7 +20,6 @@ from cnl.report import (
     render_markdown,
     write_report,
 )
-from cnl.testing import run_cli
 
 IN_SET_COLUMNS = ["epoch", "train_avg_loss", "wrong_to_correct", "correct_to_wrong", "masked_fraction"]
 SETS = {
@@ -53,6 +53,13 @@ def make_run(
         "optimizer": optimizer,
         "setting": setting,
         "columns": columns,
+        "roles": {
+            "setting": setting,
+            "learn": learn_set,
+            "forget": forget_set,
+            "learn_column": columns[2],
+            "forget_column": columns[3],
+        },
         "learn_set": learn_set,
         "forget_set": forget_set,
         "learn_total": learn_total,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import cnl
+from cnl.datasets import format_question
 from cnl.testing import (
     ARCHS,
     CHATML_DEFAULT_SYSTEM_PROMPT,
     DEFAULT_TEMPLATE_FOR_ARCH,
     TEMPLATES,
     TINY_MODEL_MAX_LENGTH,
-    answer_trailer,
     make_mc_rows,
     make_tiny_model,
     make_tiny_tokenizer,
@@ -236,6 +239,9 @@ _ROW_RE = re.compile(
 )
 
 
+REPLY4 = "Please reply with only A, B, C, or D. Do not provide any explanation."
+
+
 def test_make_mc_rows_format_and_determinism() -> None:
     rows = make_mc_rows(24, seed=0)
     assert rows == make_mc_rows(24, seed=0)
@@ -249,14 +255,36 @@ def test_make_mc_rows_format_and_determinism() -> None:
         assert match["letters"] == "A, B, C, or D"
         assert [line[0] for line in match["options"].splitlines()] == list("ABCD")
         assert row["label"] in "ABCD"
+        # exactly the project's own prompt text for that stem and those options
+        options = [line[3:] for line in match["options"].splitlines()]
+        assert row["question"] == format_question(match["stem"], options, style="reply")
     assert {row["label"] for row in rows} == set("ABCD")
-    assert rows[0]["question"].endswith(answer_trailer(4))
-    assert answer_trailer(4) == "Please reply with only A, B, C, or D. Do not provide any explanation."
+    assert rows[0]["question"].endswith("\n\n" + REPLY4)
 
-    five = make_mc_rows(6, seed=2, n_options=5)
-    assert all("\nE: " in r["question"] and r["question"].endswith(answer_trailer(5)) for r in five)
-    assert answer_trailer(5) == "Please reply with only A, B, C, D, or E. Do not provide any explanation."
-    assert answer_trailer(2) == "Please reply with only A or B. Do not provide any explanation."
+
+@pytest.mark.parametrize(
+    ("n_options", "trailer"),
+    [
+        (2, "Please reply with only A or B. Do not provide any explanation."),
+        (3, "Please reply with only A, B, or C. Do not provide any explanation."),
+        (5, "Please reply with only A, B, C, D, or E. Do not provide any explanation."),
+    ],
+)
+def test_make_mc_rows_option_counts(n_options: int, trailer: str) -> None:
+    rows = make_mc_rows(6, seed=2, n_options=n_options)
+    letters = "ABCDE"[:n_options]
+    for row in rows:
+        assert row["question"].endswith("\n\n" + trailer)
+        assert re.findall(r"^([A-Z]): ", row["question"], re.MULTILINE) == list(letters)
+        assert row["label"] in letters
+
+
+@pytest.mark.parametrize("n_options", [0, 1, 27])
+def test_make_mc_rows_rejects_bad_option_counts(n_options: int) -> None:
+    with pytest.raises(ValueError, match="n_options"):
+        make_mc_rows(0, n_options=n_options)
+    with pytest.raises(ValueError, match="n must be"):
+        make_mc_rows(-1)
 
 
 def test_make_mc_rows_have_varied_lengths_within_context() -> None:
@@ -271,10 +299,99 @@ def test_make_mc_rows_have_varied_lengths_within_context() -> None:
 def test_write_jsonl_round_trip(tmp_path: Path) -> None:
     rows = [*make_mc_rows(3), {"label": "A", "question": "café “x”", "predict_label": "B"}]
     path = write_jsonl(tmp_path / "sub" / "rows.jsonl", rows)
+    assert path == tmp_path / "sub" / "rows.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == rows
     assert "café “x”" in lines[-1]
 
 
-def test_shared_dir_fixture(shared_dir: Path) -> None:
-    assert shared_dir.name == "shared" and shared_dir.is_dir()
+def test_write_jsonl_is_atomic(tmp_path: Path) -> None:
+    """A row that cannot be written leaves the previous file whole and no temporary file behind."""
+    path = write_jsonl(tmp_path / "rows.jsonl", make_mc_rows(2))
+    old = path.read_bytes()
+    with pytest.raises(TypeError):
+        write_jsonl(path, [*make_mc_rows(3), {"label": "A", "question": object()}])
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def _imported_modules(tree: ast.AST, package: list[str]) -> list[tuple[int, list[str]]]:
+    """``(line, dotted name as parts)`` of everything ``tree`` imports, relative imports resolved against
+    ``package`` (the importing module's package, e.g. ``["cnl", "methods"]``); ``from m import a`` gives
+    both ``m`` and ``m.a`` (``a`` may be a submodule)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            found.append((node.lineno, module))
+            found += [(node.lineno, [*module, a.name]) for a in node.names]
+    return found
+
+
+def test_imported_modules_resolves_relative_imports() -> None:
+    code = "from .testing import x\nfrom .. import testing\nfrom torch.testing import assert_close\nimport cnl.io"
+    names = [".".join(n) for _, n in _imported_modules(ast.parse(code), ["cnl", "methods"])]
+    assert "cnl.methods.testing" in names and "cnl.testing" in names
+    assert "torch.testing" in names and "cnl.io" in names
+
+
+def test_cnl_modules_never_import_testing() -> None:
+    """cnl.testing is test and benchmark support: no other module of the package imports it, even lazily."""
+    package = Path(cnl.__file__).resolve().parent
+    offenders = []
+    for source in sorted(package.rglob("*.py")):
+        if source == package / "testing.py":
+            continue
+        parts = ["cnl", *source.parent.relative_to(package).parts]
+        tree = ast.parse(source.read_text(encoding="utf-8"), str(source))
+        for line, name in _imported_modules(tree, parts):
+            if name[:2] == ["cnl", "testing"]:
+                offenders.append(f"{source.relative_to(package)}:{line}")
+    assert not offenders, f"modules importing cnl.testing: {offenders}"
+
+
+#: The published question sets in ``../shared/data`` and their sizes (SPEC §1).
+SHARED_DATASETS = {"csqa": 1096, "arc_c": 1270, "medqa": 1272, "mmlu": 1555}
+#: Models with published mastered/injection splits in ``../shared/data/reference-splits`` (SPEC §1).
+REFERENCE_MODELS = (
+    "Llama-3.2-1B-Instruct",
+    "Llama-3.2-3B-Instruct",
+    "Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-3B-Instruct",
+    "Qwen2.5-7B-Instruct",
+)
+
+
+def _jsonl(path: Path) -> list[dict[str, object]]:
+    assert path.is_file(), f"{path} missing"
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_shared_dir_holds_the_published_data(shared_dir: Path) -> None:
+    """What the integration tests and benchmarks rely on in ``../shared``: the four question sets with
+    their published sizes, and for every reference model a split of each set into correct + wrong
+    that covers exactly that set (with ``predict_label`` consistent with the part)."""
+    data = shared_dir / "data"
+    ref = data / "reference-splits"
+    assert ref.is_dir() and any(ref.glob("*.jsonl"))
+    for name, size in SHARED_DATASETS.items():
+        rows = _jsonl(data / f"{name}.jsonl")
+        assert len(rows) == size, name
+        assert all(r["label"] in "ABCDE" and str(r["question"]).startswith("Question: ") for r in rows), name
+        questions = Counter((r["question"], r["label"]) for r in rows)
+        for model in REFERENCE_MODELS:
+            correct = _jsonl(ref / f"{name}_correct_{model}.jsonl")
+            wrong = _jsonl(ref / f"{name}_wrong_{model}.jsonl")
+            assert Counter((r["question"], r["label"]) for r in correct + wrong) == questions, (name, model)
+            assert all(r["predict_label"] == r["label"] for r in correct), (name, model)
+            assert all(r["predict_label"] != r["label"] for r in wrong), (name, model)
+        for part in ("correct", "wrong"):
+            whole = _jsonl(ref / f"{name}_{part}_Qwen2.5-1.5B-Instruct.jsonl")
+            halves = [_jsonl(ref / f"{name}_{part}{h}_Qwen2.5-1.5B-Instruct.jsonl") for h in (1, 2)]
+            assert sorted(map(json.dumps, halves[0] + halves[1])) == sorted(map(json.dumps, whole)), (name, part)
+    # SPEC §1's example: csqa with Qwen2.5-1.5B-Instruct has |M| = 824, |I| = 272.
+    assert len(_jsonl(ref / "csqa_correct_Qwen2.5-1.5B-Instruct.jsonl")) == 824

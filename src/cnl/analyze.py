@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .reference import accumulate_mean_gradient, reference_sign
-from .scoring import Encoded, batch_losses
+from .scoring import Encoded, batch_losses, mc_batches, spec_loss
 
 __all__ = [
     "MODULE_KINDS",
@@ -150,11 +150,14 @@ def neuron_statistics(
     if not named:
         raise ValueError("the model has no parameter that requires grad")
     params = [p for _, p in named]
-    sign_m, loss_m = reference_sign(model, mastered, params, batch_size=batch_size, pad_id=pad_id, progress=progress)
+    loss_fn = spec_loss(pad_id)
+    sign_m, loss_m = reference_sign(
+        model, mc_batches(mastered, batch_size), loss_fn, params, n=len(mastered), progress=progress
+    )
     for p in params:
         p.grad = None
     loss_i = accumulate_mean_gradient(
-        model, injection, batch_size=batch_size, pad_id=pad_id, desc="injection", progress=progress
+        model, mc_batches(injection, batch_size), loss_fn, n=len(injection), desc="injection", progress=progress
     )
     stats: dict[str, ClassCounts] = {}
     with torch.no_grad():
@@ -187,7 +190,14 @@ def gradient_distance(
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
-    accumulate_mean_gradient(model, still_wrong, batch_size=batch_size, pad_id=pad_id, desc="g_I'", progress=progress)
+    accumulate_mean_gradient(
+        model,
+        mc_batches(still_wrong, batch_size),
+        spec_loss(pad_id),
+        n=len(still_wrong),
+        desc="g_I'",
+        progress=progress,
+    )
     mean = {p: (p.grad if p.grad is not None else torch.zeros_like(p)) for p in params}
     for p in params:
         p.grad = None
@@ -387,3 +397,192 @@ def plot_distance(bins: list[dict[str, Any]], table: list[dict[str, Any]], path:
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return fig
+
+
+# ---------------------------------------------------------------------------------------- workflows
+@dataclass
+class DistanceInputs:
+    """What ``cnl analyze distance`` reads from an ft run directory, checked before any model loads.
+
+    Attributes:
+        run: the run directory; ``info`` its run.json; ``final_epoch`` its last finished epoch.
+        learn / forget: the run's learning and forgetting set names (I and M in the in-set setting).
+        learn_rows / forget_rows: their questions; ``forget_letters`` the final-epoch predictions on M.
+        still_wrong: indices into ``learn_rows`` still answered wrongly at the final epoch (I').
+        forgotten: per mastered question, whether the final epoch answered it wrongly.
+        notes: remarks for the user (not an ft run, another setting, an unfinished run).
+    """
+
+    run: Any
+    info: dict[str, Any]
+    final_epoch: int
+    learn: str
+    forget: str
+    learn_rows: list[Any]
+    forget_rows: list[Any]
+    forget_letters: list[str]
+    still_wrong: list[int]
+    forgotten: list[bool]
+    notes: list[str]
+
+    @property
+    def base_model(self) -> str | None:
+        """The run's own base model (its resolved path when it was a local one)."""
+        return self.info.get("model_source", self.info["config"]["model"]["model"])
+
+
+def distance_inputs(ft_run: Any) -> DistanceInputs:
+    """Read and check an ft run for the gradient-distance analysis (SPEC §5); no model work."""
+    from .data import read_mc_jsonl
+    from .errors import CnlError
+    from .rundir import RunDir
+
+    run = RunDir(ft_run)
+    info = run.read_info()
+    series = run.series(info)
+    if not series.epochs:
+        raise CnlError(f"{ft_run}: summary.csv has no finished epoch yet")
+    notes = []
+    from .methods import is_baseline
+
+    if not is_baseline(info["method"]):
+        notes.append(f"{ft_run} is a {info['method']} run; SPEC §5 uses an ft run")
+    if info.get("setting", "in-set") != "in-set":
+        notes.append(
+            f"{ft_run} uses the {info['setting']} setting: I' comes from its learning set ({info['learn_set']}) "
+            f"and the mastered questions are its forgetting set ({info['forget_set']})"
+        )
+    if info.get("status") != "finished":
+        notes.append(f"{ft_run} is {info.get('status')}; using its last finished epoch")
+    final = series.epochs[-1]
+    learn, forget = info["learn_set"], info["forget_set"]
+    files = run.verify_sets(info, (learn, forget))  # the sets the run was trained and evaluated on
+    learn_rows = read_mc_jsonl(files[learn], allow_empty=True)
+    forget_rows = read_mc_jsonl(files[forget], allow_empty=True)
+    learn_letters = run.read_predicted_letters(final, learn)
+    forget_letters = run.read_predicted_letters(final, forget)
+    if len(learn_letters) != len(learn_rows) or len(forget_letters) != len(forget_rows):
+        raise CnlError(f"{ft_run}: final-epoch predictions do not match the run's sets")
+    still_wrong = [i for i, (r, x) in enumerate(zip(learn_rows, learn_letters, strict=True)) if x != r.label]
+    if not still_wrong:
+        raise CnlError(f"{ft_run}: every {learn} question was learned by the final epoch; I' is empty")
+    forgotten = [x != r.label for r, x in zip(forget_rows, forget_letters, strict=True)]
+    return DistanceInputs(
+        run, info, final, learn, forget, learn_rows, forget_rows, forget_letters, still_wrong, forgotten, notes
+    )
+
+
+def run_distance(
+    inputs: DistanceInputs,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Any,
+    *,
+    model_tag: str,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Compute d_m for every mastered question at the model's parameters and write ``distance.jsonl``,
+    ``distance_table.csv``, ``distance.json`` and ``distance.png``; return the ``distance.json`` content."""
+    import time
+    from pathlib import Path
+
+    from .io import atomic_write_csv, atomic_write_json, atomic_write_jsonl
+    from .scoring import PromptEncoder
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    enc = PromptEncoder(tokenizer)
+    still_wrong = [enc.encode(inputs.learn_rows[i]) for i in inputs.still_wrong]
+    t0 = time.perf_counter()
+    dots = gradient_distance(
+        model,
+        enc.encode_all(inputs.forget_rows),
+        still_wrong,
+        batch_size=batch_size,
+        pad_id=enc.pad_id,
+        progress=progress,
+    )
+    forgotten = inputs.forgotten
+    table = distance_table(dots, forgotten)
+    bins = quantile_bins(dots, forgotten)
+    out = Path(out_dir)
+    atomic_write_jsonl(
+        out / "distance.jsonl",
+        (
+            {"question": r.question, "label": r.label, "predict_label": x, "forgotten": f, "dot": d}
+            for r, x, f, d in zip(inputs.forget_rows, inputs.forget_letters, forgotten, dots, strict=True)
+        ),
+    )
+    atomic_write_csv(
+        out / "distance_table.csv",
+        ["group", "total", "forgotten", "forgotten_ratio"],
+        [[r["group"], r["total"], r["forgotten"], r["forgotten_ratio"]] for r in table],
+    )
+    summary = {
+        "ft_run": str(inputs.run.root),
+        "final_epoch": inputs.final_epoch,
+        "model": model_tag,
+        "still_wrong": len(still_wrong),
+        "learn_set": inputs.learn,
+        "forget_set": inputs.forget,
+        "table": table,
+        "thirds": thirds_follow_up(dots, forgotten),
+        "bins": bins,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    atomic_write_json(out / "distance.json", summary)
+    plot_distance(bins, table, out / "distance.png")
+    return summary
+
+
+def neuron_inputs(data: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The files and validated rows of M and I for ``cnl analyze neurons`` (``data`` a DataConfig)."""
+    from .data import read_mc_jsonl
+    from .errors import CnlError
+    from .sets import resolve_set_files, roles_for
+
+    files = resolve_set_files(data, roles_for("in-set", uses_reference=True))  # needs M and I
+    rows = {}
+    for name in ("mastered", "injection"):
+        rows[name] = read_mc_jsonl(files[name], allow_empty=True)  # validated before the model loads
+        if not rows[name]:
+            raise CnlError(f"{files[name]}: the {name} set is empty")
+    return files, rows
+
+
+def run_neurons(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    files: dict[str, Any],
+    rows: dict[str, list[Any]],
+    out_dir: Any,
+    *,
+    meta: dict[str, Any],
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Neuron statistics at the model's parameters, written to ``out_dir``; return the ``neurons.json`` content."""
+    import time
+
+    from .scoring import PromptEncoder
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    enc = PromptEncoder(tokenizer)
+    t0 = time.perf_counter()
+    stats = neuron_statistics(
+        model,
+        enc.encode_all(rows["mastered"]),
+        enc.encode_all(rows["injection"]),
+        batch_size=batch_size,
+        pad_id=enc.pad_id,
+        progress=progress,
+    )
+    meta = {
+        **meta,
+        "mastered": {"file": str(files["mastered"]), "count": len(rows["mastered"])},
+        "injection": {"file": str(files["injection"]), "count": len(rows["injection"])},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return write_neuron_outputs(stats, out_dir, meta)

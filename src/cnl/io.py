@@ -1,21 +1,36 @@
-"""Atomic file writes: a reader never sees a half-written file under its final name.
+"""The only place cnl writes files: atomic files and directories, digests, YAML reading, locks.
 
-Every output of cnl goes through here. Data is written to a temporary file in the destination
+Every output goes through here. A file is written to a temporary sibling in the destination
 directory, flushed and fsync'ed, then moved into place with ``os.replace`` (atomic on POSIX), so an
 interrupted command leaves either the old complete file or the new complete file, never a fragment.
+Files get the permissions a plain ``open()`` would give (``0o666`` minus the umask), so other users of
+a shared server can read results under the usual umask 022. A directory (a saved model, a checkpoint)
+is built in a temporary sibling and swapped into place (:func:`atomic_dir`); ``filelock`` guards
+work that two processes must not do at once (:func:`exclusive`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import ctypes.util
+import errno
+import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import yaml
+
+from .errors import ConfigError
 
 __all__ = [
     "atomic_open",
@@ -24,8 +39,33 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_jsonl",
     "atomic_write_csv",
+    "atomic_write_yaml",
     "atomic_save",
+    "atomic_dir",
+    "remove_atomic_leftovers",
+    "exclusive",
+    "file_digest",
+    "read_yaml",
+    "file_mode",
 ]
+
+PathLike = str | os.PathLike[str]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new file: what ``open(path, "w")`` would give (``0o666`` minus the umask)."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -34,6 +74,7 @@ def _temp_sibling(path: Path) -> Iterator[tuple[int, str]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp creates 0600, unreadable by the group
         yield fd, tmp
         os.replace(tmp, path)
     except BaseException:
@@ -43,7 +84,7 @@ def _temp_sibling(path: Path) -> Iterator[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; move it onto ``path`` only on success."""
     binary = "b" in mode
     with (
@@ -55,24 +96,29 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
+def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as pretty JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
+def atomic_write_yaml(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as YAML (keys in insertion order) to ``path`` atomically."""
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
+
+
+def atomic_write_jsonl(path: PathLike, rows: Iterable[dict[str, Any]]) -> int:
     """Write one JSON object per line (non-ASCII kept as is) atomically; return the row count."""
     n = 0
     with atomic_open(path, "w") as f:
@@ -82,7 +128,7 @@ def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, An
     return n
 
 
-def atomic_write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def atomic_write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write a CSV file (header + rows) atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -91,10 +137,146 @@ def atomic_write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: 
     atomic_write_text(path, buf.getvalue())
 
 
-def atomic_save(path: str | os.PathLike[str], save: Callable[[str], None]) -> None:
-    """Run ``save(tmp_path)`` (e.g. ``torch.save`` or ``safetensors.save_file``), then move into place."""
+def atomic_save(path: PathLike, save: Callable[[str], None]) -> None:
+    """Run ``save(tmp_path)`` (e.g. ``safetensors.save_file`` or ``fig.savefig``), then move into place."""
     with _temp_sibling(Path(path)) as (fd, tmp):
         os.close(fd)
         save(tmp)
+        os.chmod(tmp, file_mode())  # the writer may have recreated the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------ directories
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    res = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE))
+    if res == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _chmod_tree(folder: Path) -> None:
+    """Give files and folders written by third-party savers the usual permissions (some use mkstemp)."""
+    fmode, dmode = file_mode(), 0o777 & ~_umask()
+    os.chmod(folder, dmode)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for name in files:
+            os.chmod(os.path.join(root, name), fmode)
+
+
+def _aside(final: Path, kind: str) -> Path:
+    """A temporary sibling of ``final`` (``.name.<12 hex>.tmp`` being built, ``.old`` being replaced)."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.{kind}")
+
+
+def remove_atomic_leftovers(path: PathLike) -> list[Path]:
+    """Remove what :func:`atomic_dir` left beside ``path`` when its process was killed; return them.
+
+    Only call it while no other process can be building ``path`` (e.g. under :func:`exclusive`).
+    """
+    final = Path(path)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[0-9a-f]{{12}}\.(?:tmp|old)")
+    removed = [p for p in final.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Build a directory in a temporary sibling (yielded) and put it in place of ``path`` on success.
+
+    An existing ``path`` is swapped out in one atomic step where the kernel supports it (Linux
+    ``renameat2``), else with two renames; either way a reader never sees a half-written directory
+    under the final name, and a failure leaves the old directory untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _aside(final, "tmp")
+    tmp.mkdir(mode=0o777 & ~_umask())
+    try:
+        yield tmp
+        _chmod_tree(tmp)
+        _fsync_tree(tmp)
+        if not final.exists():
+            os.rename(tmp, final)
+            return
+        if _exchange(tmp, final):  # tmp now holds the old directory
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = _aside(final, "old")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: PathLike, timeout: float = -1) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on ``lock_path`` (``filelock``; released if the process dies)."""
+    from filelock import FileLock
+
+    p = Path(lock_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(p), timeout=timeout, mode=file_mode()):
+        yield
+
+
+# ------------------------------------------------------------------------------------ reading
+def file_digest(path: PathLike) -> str:
+    """First 16 hex digits of the file's SHA-256 (how run directories identify their input files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_yaml(path: PathLike) -> dict[str, Any]:
+    """Read a YAML mapping (preset or config file), with a clear error for anything else."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a file (expected a YAML file of option: value)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
+    return data

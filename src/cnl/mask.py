@@ -32,7 +32,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["cnl_conflict", "cnl_masked", "SignReference", "MaskedOptimizer"]
+__all__ = ["SIGN_STORAGES", "cnl_conflict", "cnl_masked", "SignReference", "MaskedOptimizer"]
+
+#: How a :class:`SignReference` stores signs: 2-bit codes (0.25 byte per element) or one int8 each.
+SIGN_STORAGES = ("bits", "int8")
 
 #: Elements handled per slice when masking: temporaries stay small (cache-friendly, and the peak
 #: memory of a masked update does not grow with the size of the largest parameter).
@@ -110,8 +113,8 @@ class SignReference:
     """
 
     def __init__(self, storage: str = "bits") -> None:
-        if storage not in ("bits", "int8"):
-            raise ValueError(f"storage must be 'bits' or 'int8', got {storage!r}")
+        if storage not in SIGN_STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(SIGN_STORAGES)}, got {storage!r}")
         self.storage = storage
         self._signs: dict[Any, tuple[torch.Tensor, torch.Size]] = {}
 

@@ -13,8 +13,10 @@ GGUF files are dequantised by ``transformers`` into a float model. That takes a 
 135M default), so it is done **once** per file and the result is cached as an ordinary Hugging Face
 directory (safetensors weights + tokenizer + chat template) under :func:`cache_root`. The cache folder is
 keyed by the GGUF file's name, size and modification time, so a new package version is reconverted. The
-conversion writes into a temporary sibling directory and renames it into place only once it is complete,
-so an interrupted or concurrent conversion never leaves a half-written folder that looks finished.
+conversion holds a file lock (two processes never convert the same file at once; the second waits and then
+uses the first one's copy) and is built in a temporary sibling directory that is swapped into place only
+once it is complete (:func:`cnl.io.atomic_dir`), so an interrupted conversion never leaves a half-written
+folder that looks finished.
 """
 
 from __future__ import annotations
@@ -27,10 +29,7 @@ import json
 import logging
 import os
 import re
-import shutil
-import socket
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .errors import CnlError
+from .io import atomic_dir, atomic_write_json, exclusive, remove_atomic_leftovers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -52,6 +52,7 @@ __all__ = [
     "embedded_gguf_path",
     "ensure_converted_gguf",
     "load_model_and_tokenizer",
+    "pad_token_id",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_source",
@@ -77,8 +78,6 @@ DTYPES: dict[str, torch.dtype] = {
 _CONVERSION_FORMAT = 1
 # Written last into a converted directory; a directory without it is never treated as complete.
 _MARKER = "cnl-conversion.json"
-# Temporary conversion directories older than this are considered abandoned, whoever made them.
-_STALE_TMP_SECONDS = 6 * 3600
 
 # A hub id: "name" or "owner/name", made of letters, digits, "-", "_" and ".", not starting with "." or "-".
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -307,46 +306,9 @@ def _is_complete(folder: Path) -> bool:
     return (folder / _MARKER).is_file()
 
 
-def _tmp_prefix(final: Path) -> str:
-    return f".{final.name}.tmp-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _is_stale_tmp(entry: Path, prefix: str) -> bool:
-    """Whether a temporary conversion directory was abandoned (its process died, or it is old)."""
-    try:
-        age = time.time() - entry.stat().st_mtime
-    except OSError:
-        return False
-    if age > _STALE_TMP_SECONDS:
-        return True
-    host, sep, rest = entry.name[len(prefix) :].rpartition("-")[0].rpartition("-")
-    if not sep or host != socket.gethostname() or os.name != "posix":
-        return False
-    try:
-        pid = int(rest)
-    except ValueError:
-        return False
-    return pid != os.getpid() and not _pid_alive(pid)
-
-
-def _clean_stale_tmps(final: Path) -> None:
-    prefix = _tmp_prefix(final)
-    if not final.parent.is_dir():
-        return
-    for entry in final.parent.iterdir():
-        if entry.name.startswith(prefix) and entry.is_dir() and _is_stale_tmp(entry, prefix):
-            logger.info("Removing abandoned conversion directory %s", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+def _lock_path(final: Path) -> Path:
+    """The lock file guarding the conversion into ``final`` (a sibling; it stays, as file locks must)."""
+    return final.with_name(f"{final.name}.lock")
 
 
 def _gguf_chat_template(gguf: Path) -> str | None:
@@ -426,10 +388,12 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
 def ensure_converted_gguf(gguf: Path | str) -> Path:
     """Return the cached Hugging Face directory converted from ``gguf``, converting it first if needed.
 
-    The conversion runs at most once per GGUF file (name + size + mtime): it writes into a temporary
-    directory next to the final one and renames it into place when complete. Two processes converting
-    at once both finish; the first rename wins and the other copy is discarded. Temporary directories
-    left by dead processes are removed.
+    The conversion runs at most once per GGUF file (name + size + mtime). It holds an inter-process lock
+    (``<final>.lock``), so a second process asking for the same file waits for the first and then uses its
+    copy instead of converting again; a finished copy is returned without taking the lock. The directory is
+    built in a temporary sibling and swapped into place only when complete, marker file last; a directory
+    under the final name without the marker (not made by this code) is replaced. Temporary directories left
+    by killed conversions are removed.
 
     Raises:
         ModelError: the file does not exist or cannot be converted.
@@ -441,46 +405,38 @@ def ensure_converted_gguf(gguf: Path | str) -> Path:
     if _is_complete(final):
         return final
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmps(final)
-    if final.exists():
-        # Not made by us (no marker): move it out of the way atomically, then delete it.
-        trash = final.parent / f"{_tmp_prefix(final)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-        with contextlib.suppress(OSError):
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-
-    tmp = final.parent / f"{_tmp_prefix(final)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    start = time.perf_counter()
-    logger.info("Converting %s to a Hugging Face model once; caching it in %s", gguf, final)
-    try:
-        _convert_gguf(gguf, tmp)
-        marker = {
-            "source": str(gguf),
-            "size": gguf.stat().st_size,
-            "mtime_ns": gguf.stat().st_mtime_ns,
-            "format": _CONVERSION_FORMAT,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        with contextlib.suppress(Exception):
-            import transformers
-
-            marker["transformers"] = transformers.__version__
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    with contextlib.ExitStack() as held:
         try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):  # not "somebody else finished first"
-                raise
-            logger.info("Another process finished converting %s first; using its copy.", gguf)
-    except ModelError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"Could not convert GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            held.enter_context(exclusive(_lock_path(final), timeout=0))
+        except TimeoutError:  # filelock.Timeout
+            logger.info("Another process is converting %s; waiting for it to finish.", gguf)
+            held.enter_context(exclusive(_lock_path(final)))
+        if _is_complete(final):  # the process we waited for finished it
+            return final
+        for entry in remove_atomic_leftovers(final):  # a killed conversion's directories (we hold the lock)
+            logger.info("Removed abandoned conversion directory %s", entry)
+
+        start = time.perf_counter()
+        logger.info("Converting %s to a Hugging Face model once; caching it in %s", gguf, final)
+        try:
+            with atomic_dir(final) as tmp:
+                _convert_gguf(gguf, tmp)
+                marker = {
+                    "source": str(gguf),
+                    "size": gguf.stat().st_size,
+                    "mtime_ns": gguf.stat().st_mtime_ns,
+                    "format": _CONVERSION_FORMAT,
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+                with contextlib.suppress(Exception):
+                    import transformers
+
+                    marker["transformers"] = transformers.__version__
+                atomic_write_json(tmp / _MARKER, marker)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"Could not convert GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}") from exc
     logger.info("Converted %s in %.1f s", gguf.name, time.perf_counter() - start)
     return final
 
@@ -498,14 +454,17 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def _weights_format(folder: Path) -> bool:
-    """``True`` if ``folder`` has safetensors weights, ``False`` if only pickle ``.bin`` weights.
+def _check_weights(folder: Path) -> None:
+    """Fail clearly when a local ``folder`` has no weights; warn when it has only pickle ``.bin`` weights.
+
+    Which file to load is left to ``from_pretrained``, which prefers safetensors when both kinds exist;
+    this only turns its generic "no file named ..." error into a clear one, checked before the tokenizer loads.
 
     Raises:
         ModelError: no weights at all.
     """
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
-        return True
+        return
     if any(folder.glob("*.bin")) or (folder / "pytorch_model.bin.index.json").is_file():
         warnings.warn(
             f"{folder} has only pickle (.bin) weights; loading them (transformers uses "
@@ -513,7 +472,7 @@ def _weights_format(folder: Path) -> bool:
             UserWarning,
             stacklevel=3,
         )
-        return False
+        return
     raise ModelError(f"{folder} has no model weights (*.safetensors or *.bin).")
 
 
@@ -528,7 +487,7 @@ def _from_pretrained(
 
     model_kwargs: dict[str, Any] = {_dtype_kwarg(): torch_dtype, "trust_remote_code": trust_remote_code}
     if source.kind != "hub":
-        model_kwargs["use_safetensors"] = _weights_format(Path(where))
+        _check_weights(Path(where))
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -554,6 +513,16 @@ def _from_pretrained(
             hint = "Check that the directory holds a complete model and tokenizer (save_pretrained output)."
         raise ModelError(f"Could not load model {source.path_or_id!r}: {detail}\n{hint}") from exc
     return model, tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills padded positions: the tokenizer's pad token id, or 0 when it has none.
+
+    Padded positions are masked out by the attention mask, so any valid id does; 0 always is one.
+    (:func:`load_model_and_tokenizer` already gives every tokenizer it returns a pad token.)
+    """
+    pad = tokenizer.pad_token_id
+    return int(pad) if pad is not None else 0
 
 
 def load_model_and_tokenizer(

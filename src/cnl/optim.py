@@ -215,6 +215,26 @@ class ParameterUpdater:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @contextlib.contextmanager
+    def hooked(self, enabled: bool = True) -> Iterator[ParameterUpdater]:
+        """Hooks attached for the block (when ``enabled``), removed afterwards whatever happens."""
+        if enabled:
+            self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hooks stay registered but update nothing (e.g. while a reference gradient accumulates)."""
+        before = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
     def pop_masked(self) -> int:
         """Elements masked since the last call (summed across parameters and steps)."""
         n = 0 if self._masked is None else int(self._masked)
@@ -234,7 +254,8 @@ def sparse_embedding_grads(model: torch.nn.Module, enabled: bool = True) -> Iter
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = isinstance(emb, torch.nn.Embedding) and head is not None and head.weight is emb.weight
-    if not enabled or not tied:  # untied: a sparse gradient would only be densified again in the update
+    # untied: a sparse gradient would only be densified again in the update; frozen (LoRA): no gradient
+    if not enabled or not tied or not emb.weight.requires_grad:
         yield
         return
     before = emb.sparse

@@ -1,9 +1,10 @@
 """Hyperparameter presets: YAML files shipped with the package, one per model.
 
 A preset is a mapping of :class:`~cnl.config.TrainConfig` fields, plus an optional ``methods:``
-table of per-method overrides (LoRA's reference learning rate is 1e-5, not the full fine-tuning
-rate). Without ``--preset``, the preset named like the model (e.g. ``Qwen2.5-1.5B-Instruct``) is
-used when there is one.
+table of per-method overrides. A method's own defaults (:mod:`cnl.methods`, e.g. LoRA's learning
+rate) sit above the preset's base keys and below its ``methods:`` table, so a preset states only what
+is specific to its model. Without ``--preset``, the preset named like the model (e.g.
+``Qwen2.5-1.5B-Instruct``) is used when there is one; layering is :func:`cnl.config.resolve_configs`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import load_yaml
 from .errors import ConfigError
+from .io import read_yaml
 
-__all__ = ["preset_names", "preset_path", "preset_layer", "find_preset_for_model", "load_preset"]
+__all__ = ["preset_names", "preset_path", "find_preset_for_model", "load_preset"]
 
 
 def _folder() -> Path:
@@ -43,20 +44,6 @@ def find_preset_for_model(model_tag: str) -> str | None:
     return None
 
 
-def preset_layer(values: dict[str, Any], method: str, source: str) -> dict[str, Any]:
-    """Flatten a preset/config mapping for one method: base keys, then ``methods[method]``."""
-    values = dict(values)
-    per_method = values.pop("methods", None) or {}
-    if not isinstance(per_method, dict):
-        raise ConfigError(f"{source}: 'methods' must map method names to options")
-    override = per_method.get(method) or {}
-    if not isinstance(override, dict):
-        raise ConfigError(f"{source}: 'methods.{method}' must be a mapping of options")
-    values.update(override)
-    return values
-
-
-def load_preset(name: str, method: str) -> dict[str, Any]:
-    """A preset's values for ``method``."""
-    path = preset_path(name)
-    return preset_layer(load_yaml(path), method, f"preset {name}")
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's raw mapping (base keys and the optional ``methods:`` table)."""
+    return read_yaml(preset_path(name))

@@ -1,53 +1,64 @@
-"""Mean gradients over a question set, computed in batches, and the CNL sign reference from them.
+"""Mean gradients over any set of examples, and the CNL sign reference from them.
 
-The reference gradient of SPEC §4 is g_M = mean over the reference set of ∇L. Summing per-sample
-losses of a batch, dividing by the set size and back-propagating once per batch accumulates exactly
-that mean in ``.grad`` (up to float rounding), at a fraction of the cost of one backward per sample.
-Only the sign is kept (:class:`~cnl.mask.SignReference`), and the full-precision buffer is freed at
-once. ``chunks > 1`` computes the gradient for one group of parameters at a time (one more forward
-pass per group) so that the fp32 buffer never covers more than that group: a memory/time trade-off.
+The reference gradient of SPEC §4 is g_M = mean over the reference set of ∇L. Nothing here knows the
+multiple-choice format: ``batches`` is any iterable of batches and ``loss_fn(model, batch)`` returns
+one loss per example of the batch (SPEC's loss is :func:`cnl.scoring.spec_loss`; a causal-LM loss
+over HF-collated batches works the same way). Summing the per-example losses of a batch, dividing by
+the set size and back-propagating once per batch accumulates exactly that mean in ``.grad`` (up to
+float rounding), at a fraction of the cost of one backward per example. Only the sign is kept
+(:class:`~cnl.mask.SignReference`), and the full-precision buffer is freed at once. ``chunks > 1``
+computes the gradient for one group of parameters at a time (one more pass over the batches per
+group) so that the fp32 buffer never covers more than that group: a memory/time trade-off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .mask import SignReference
-from .scoring import Encoded, batch_losses, length_sorted_batches
 
-__all__ = ["accumulate_mean_gradient", "reference_sign", "param_chunks"]
+__all__ = ["LossFn", "accumulate_mean_gradient", "reference_sign", "param_chunks"]
+
+#: ``loss_fn(model, batch)``: a 1-D tensor with one loss per example of ``batch``.
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 def accumulate_mean_gradient(
     model: torch.nn.Module,
-    encoded: Sequence[Encoded],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
     *,
-    batch_size: int = 8,
-    pad_id: int = 0,
+    n: int,
     desc: str | None = "reference",
     progress: bool | None = None,
 ) -> float:
-    """Add the mean SPEC loss gradient over ``encoded`` to the ``.grad`` of every parameter that
-    requires grad; return the mean loss. Gradients already in ``.grad`` are added to, not replaced."""
-    n = len(encoded)
-    if n == 0:
+    """Add the mean gradient of ``loss_fn`` over ``n`` examples (in ``batches``) to the ``.grad`` of
+    every parameter that requires grad; return the mean loss. Gradients already in ``.grad`` are
+    added to, not replaced. Runs in eval mode: the reference is a property of the parameters, so
+    dropout stays off."""
+    if n <= 0:
         raise ValueError("cannot compute a mean gradient over an empty set")
     total = 0.0
+    seen = 0
     was_training = model.training
-    model.eval()  # no dropout in the reference (it is a property of the parameters, not a step)
+    model.eval()
     bar = tqdm(total=n, desc=desc, unit="q", disable=(progress is False) or None, leave=False)
     try:
-        for idx in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
-            losses = batch_losses(model, [encoded[i] for i in idx], pad_id)
+        for batch in batches:
+            losses = loss_fn(model, batch)
             (losses.sum() / n).backward()
             total += float(losses.detach().sum())
-            bar.update(len(idx))
+            seen += losses.numel()
+            bar.update(losses.numel())
     finally:
         bar.close()
         model.train(was_training)
+    if seen != n:
+        raise ValueError(f"the batches held {seen} examples, but n = {n}")
     return total / n
 
 
@@ -69,20 +80,21 @@ def param_chunks(params: Sequence[torch.nn.Parameter], chunks: int) -> list[list
 
 def reference_sign(
     model: torch.nn.Module,
-    encoded: Sequence[Encoded],
+    batches: Sequence[Any],
+    loss_fn: LossFn,
     params: Sequence[torch.nn.Parameter],
     *,
-    batch_size: int = 8,
-    pad_id: int = 0,
+    n: int,
     storage: str = "bits",
     chunks: int = 1,
     progress: bool | None = None,
     on_grad: Callable[[torch.nn.Parameter, torch.Tensor], None] | None = None,
 ) -> tuple[SignReference, float]:
-    """Sign of the mean gradient over ``encoded`` for ``params``; also returns the mean loss.
+    """Sign of the mean gradient over the ``n`` examples of ``batches`` for ``params``; also the mean loss.
 
-    ``on_grad(param, mean_grad)`` is called for each parameter while its full-precision mean is
-    still available (analyses use it). Every ``.grad`` is freed before returning.
+    ``batches`` is iterated once per chunk (a list, not a one-shot iterator, when ``chunks > 1``).
+    ``on_grad(param, mean_grad)`` is called for each parameter while its full-precision mean is still
+    available (analyses use it). Every ``.grad`` is freed before returning.
     """
     ref = SignReference(storage)
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -97,9 +109,7 @@ def reference_sign(
                 for p in model.parameters():
                     p.requires_grad_(saved[p] and p in members)
             desc = "reference" if len(groups) == 1 else f"reference {k + 1}/{len(groups)}"
-            mean_loss = accumulate_mean_gradient(
-                model, encoded, batch_size=batch_size, pad_id=pad_id, desc=desc, progress=progress
-            )
+            mean_loss = accumulate_mean_gradient(model, batches, loss_fn, n=n, desc=desc, progress=progress)
             for p in group:
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 if on_grad is not None:

@@ -8,14 +8,14 @@ For every run: method, optimizer, setting, learned (count and % of the learning 
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import CnlError
 from .io import atomic_save, atomic_write_json, atomic_write_text
+from .methods import is_baseline
+from .rundir import RunDir
 
 __all__ = ["RunRecord", "load_run_record", "check_same_sets", "build_report", "render_markdown", "plot_curves"]
 
@@ -40,25 +40,16 @@ class RunRecord:
 
 
 def load_run_record(run_dir: str | Path) -> RunRecord:
-    """Read ``run.json`` and ``summary.csv`` of a run directory (clear error otherwise)."""
-    d = Path(run_dir)
-    run_json, summary = d / "run.json", d / "summary.csv"
-    if not run_json.exists():
-        raise CnlError(f"{d}: not a run directory (no run.json); pass directories written by 'cnl train'")
-    info = json.loads(run_json.read_text(encoding="utf-8"))
-    if not summary.exists():
-        raise CnlError(f"{d}: no summary.csv")
-    with open(summary, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise CnlError(f"{d}: summary.csv has no finished epoch yet")
-    lc, fc = info["columns"][2], info["columns"][3]
+    """Read a run directory through :class:`~cnl.rundir.RunDir` (clear error when it is not one)."""
+    rundir = RunDir(run_dir)
+    info = rundir.read_info()
+    if not rundir.summary.exists():
+        raise CnlError(f"{rundir.root}: no summary.csv")
+    series = rundir.series(info)
+    if not series.epochs:
+        raise CnlError(f"{rundir.root}: summary.csv has no finished epoch yet")
     return RunRecord(
-        path=d,
-        info=info,
-        epochs=[int(r["epoch"]) for r in rows],
-        learned=[int(r[lc]) for r in rows],
-        forgotten=[int(r[fc]) for r in rows],
+        path=rundir.root, info=info, epochs=series.epochs, learned=series.learned, forgotten=series.forgotten
     )
 
 
@@ -90,7 +81,7 @@ def build_report(runs: list[RunRecord]) -> dict[str, Any]:
     if not runs:
         raise CnlError("no runs given")
     check_same_sets(runs)
-    fts = [r for r in runs if r.info["method"] == "ft"]
+    fts = [r for r in runs if is_baseline(r.info["method"])]
     ft = fts[0] if fts else None
     rows = []
     for r in runs:
@@ -114,10 +105,11 @@ def build_report(runs: list[RunRecord]) -> dict[str, Any]:
             "best_learned_pct": _pct(r.learned[best], lt),
             "best_forgotten": r.forgotten[best],
             "best_forgotten_pct": _pct(r.forgotten[best], ft_total),
+            "is_baseline": is_baseline(r.info["method"]),
             "forgetting_reduction_pct": None,
             "baseline_run": None,
         }
-        if fts and r.info["method"] != "ft":
+        if fts and not row["is_baseline"]:
             # the ft run with the same optimizer when there is one, else the first ft run
             baseline = next((f for f in fts if f.info["optimizer"] == r.info["optimizer"]), fts[0])
             base = baseline.forgotten[-1]
@@ -147,12 +139,12 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
     ]
     for r in rows:
         red = r["forgetting_reduction_pct"]
-        if r["method"] == "ft":
+        if r["is_baseline"]:
             red_s = "baseline"
         elif red is None:
             red_s = "n/a" if report["baseline"] is None else "n/a (ft forgot nothing)"
         else:
-            several = sum(1 for x in rows if x["method"] == "ft") > 1
+            several = sum(1 for x in rows if x["is_baseline"]) > 1
             red_s = f"{red:.1f}%" + (f" (vs {r['baseline_run']})" if several else "")
         lines.append(
             f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | {r['epochs']} "

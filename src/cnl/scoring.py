@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import MCRow
 from .errors import CnlError
+from .models import pad_token_id
 
 __all__ = [
     "FIXED_DATE",
@@ -36,6 +37,8 @@ __all__ = [
     "length_sorted_batches",
     "last_token_logits",
     "batch_losses",
+    "spec_loss",
+    "mc_batches",
     "predict",
     "Predictions",
 ]
@@ -74,6 +77,8 @@ class PromptEncoder:
             )
         self.tokenizer = tokenizer
         self.fixed_date = fixed_date
+        #: Token id that fills left padding (masked out, so any id works; 0 when the tokenizer has none).
+        self.pad_id = pad_token_id(tokenizer)
         self._letter_cache: dict[str, int] = {}
         bos = tokenizer.bos_token_id
         self._prepend_bos: int | None = None
@@ -182,6 +187,20 @@ def batch_losses(model: torch.nn.Module, batch: Sequence[Encoded], pad_id: int =
     logits = last_token_logits(model, [e.input_ids for e in batch], pad_id)
     targets = torch.tensor([e.target for e in batch], device=logits.device)
     return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def spec_loss(pad_id: int = 0) -> Callable[[torch.nn.Module, Sequence[Encoded]], torch.Tensor]:
+    """SPEC §2's loss as a ``loss_fn(model, batch) -> per-question losses`` for :mod:`cnl.reference`."""
+
+    def loss_fn(model: torch.nn.Module, batch: Sequence[Encoded]) -> torch.Tensor:
+        return batch_losses(model, batch, pad_id)
+
+    return loss_fn
+
+
+def mc_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Encoded]]:
+    """Length-sorted batches of questions (the order the reference gradient and scoring use)."""
+    return [[encoded[i] for i in idx] for idx in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size)]
 
 
 @dataclass

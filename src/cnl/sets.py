@@ -10,7 +10,10 @@ from .data import DataError
 from .errors import ConfigError
 from .split import read_split_manifest
 
-__all__ = ["SetRoles", "resolve_set_files", "roles_for"]
+__all__ = ["SETTINGS", "SetRoles", "resolve_set_files", "roles_for"]
+
+#: The settings of SPEC §4 (``replay`` belongs to the replay method).
+SETTINGS = ("in-set", "ood-correct", "ood-wrong", "replay")
 
 # set name -> DataConfig field / split.json part
 _PARTS = {
@@ -50,11 +53,9 @@ class SetRoles:
         return list(dict.fromkeys(n for n in names if n is not None))
 
 
-def roles_for(setting: str, method: str) -> SetRoles:
-    """Roles for a setting and method; the replay method always uses the replay setting."""
-    masked = method == "cnl"
-    if method == "replay":
-        setting = "replay"
+def roles_for(setting: str, uses_reference: bool) -> SetRoles:
+    """Roles for a setting; ``uses_reference`` fills the reference role (CNL methods only, SPEC §4)."""
+    masked = uses_reference
     if setting == "in-set":
         return SetRoles(
             setting,
@@ -95,7 +96,7 @@ def roles_for(setting: str, method: str) -> SetRoles:
             "wrong2_to_correct",
             "correct_to_wrong",
         )
-    raise ConfigError(f"unknown setting {setting!r} (choose from in-set, ood-correct, ood-wrong)")
+    raise ConfigError(f"unknown setting {setting!r} (choose from {', '.join(SETTINGS)})")
 
 
 def resolve_set_files(data: DataConfig, roles: SetRoles) -> dict[str, Path]:

@@ -74,8 +74,7 @@ def run_split(
     t0 = time.perf_counter()
     encoder = PromptEncoder(tokenizer)
     encoded = encoder.encode_all(rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    preds = predict(model, encoded, batch_size=batch_size, pad_id=pad_id, desc="split", progress=progress)
+    preds = predict(model, encoded, batch_size=batch_size, pad_id=encoder.pad_id, desc="split", progress=progress)
     seconds = time.perf_counter() - t0
 
     correct: list[dict[str, Any]] = []

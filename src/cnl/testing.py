@@ -1,4 +1,7 @@
-"""Tiny, fully offline stand-ins for real chat models, for tests and benchmarks.
+"""Test and benchmark support; the CLI never imports it.
+
+Tiny, fully offline stand-ins for real chat models, and synthetic multiple-choice data, used by ``tests/``
+and ``bench/`` only: no command of :mod:`cnl.cli`, and no module it loads, imports :mod:`cnl.testing`.
 
 Nothing here touches the network or the Hugging Face hub: the tokenizer is a byte-level BPE trained
 in-process on a small built-in corpus, and the models are randomly initialised from a fixed seed.
@@ -8,7 +11,8 @@ in-process on a small built-in corpus, and the models are randomly initialised f
 * :func:`make_tiny_model` -- a 2-layer, hidden-32 ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` in FP32.
 * :func:`save_tiny_model_dir` -- model (safetensors) + tokenizer in a directory that
   ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load offline.
-* :func:`make_mc_rows` / :func:`write_jsonl` -- synthetic multiple-choice rows in the project's data format.
+* :func:`make_mc_rows` / :func:`write_jsonl` -- synthetic multiple-choice rows in the project's data format
+  (question text from :func:`cnl.datasets.format_question`, written with :func:`cnl.io.atomic_write_jsonl`).
 
 Byte-level BPE means every string (any Unicode) encodes without unknown tokens and decodes back exactly;
 every single character of printable ASCII -- in particular each capital letter ``A``-``Z`` -- is one token.
@@ -34,6 +38,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from .datasets import format_question
+from .io import atomic_write_jsonl, atomic_write_text
+
 __all__ = [
     "ARCHS",
     "CHATML_DEFAULT_SYSTEM_PROMPT",
@@ -41,7 +48,6 @@ __all__ = [
     "TEMPLATES",
     "TINY_INITIALIZER_RANGE",
     "TINY_MODEL_MAX_LENGTH",
-    "answer_trailer",
     "make_mc_rows",
     "make_tiny_model",
     "make_tiny_tokenizer",
@@ -405,7 +411,7 @@ def save_tiny_model_dir(
     config_path = path / "config.json"
     config_dict = json.loads(config_path.read_text(encoding="utf-8"))
     config_dict["attn_implementation"] = model.config._attn_implementation
-    config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(config_path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(path)
     return path
 
@@ -498,19 +504,12 @@ _FILLER = (
 )
 
 
-def answer_trailer(n_options: int) -> str:
-    """The instruction line ending each question, e.g. ``Please reply with only A, B, C, or D. ...``."""
-    if not 2 <= n_options <= len(_LETTERS):
-        raise ValueError(f"n_options must be in 2..{len(_LETTERS)}, got {n_options}")
-    letters = list(_LETTERS[:n_options])
-    listed = f"{letters[0]} or {letters[1]}" if n_options == 2 else ", ".join(letters[:-1]) + f", or {letters[-1]}"
-    return f"Please reply with only {listed}. Do not provide any explanation."
-
-
 def make_mc_rows(n: int, seed: int = 0, n_options: int = 4) -> list[dict[str, str]]:
     """Synthetic multiple-choice rows ``{"label": "B", "question": "Question: ...\\nOptions:\\nA: ..."}``.
 
-    Same format as the project's datasets (``Question: <stem>\\nOptions:\\nA: ...\\n...\\n\\n<trailer>``).
+    The question text is :func:`cnl.datasets.format_question` ``(stem, options)`` (style ``"reply"``), i.e. the
+    project's dataset format ``Question: <stem>\\nOptions:\\nA: ...\\n...\\n\\nPlease reply with only A, B,
+    C, or D. Do not provide any explanation.`` (the letter list follows ``n_options``, 2 to 26).
     Row ``i`` is short, medium or long for ``i % 3 == 0, 1, 2`` (a one-word stem, a sentence, several
     sentences of filler -- well under the tiny models' 512-token context), so batches exercise padding.
     Labels and contents come from ``random.Random(seed)``: the same ``(n, seed, n_options)`` always gives the
@@ -518,7 +517,8 @@ def make_mc_rows(n: int, seed: int = 0, n_options: int = 4) -> list[dict[str, st
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    trailer = answer_trailer(n_options)
+    if not 2 <= n_options <= len(_LETTERS):
+        raise ValueError(f"n_options must be in 2..{len(_LETTERS)}, got {n_options}")
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
     for i in range(n):
@@ -532,27 +532,15 @@ def make_mc_rows(n: int, seed: int = 0, n_options: int = 4) -> list[dict[str, st
                 stem = f"{filler} {stem}"
         options = rng.sample(_OPTIONS, n_options)
         label = _LETTERS[rng.randrange(n_options)]
-        lines = "\n".join(f"{letter}: {opt}" for letter, opt in zip(_LETTERS, options, strict=False))
-        rows.append({"label": label, "question": f"Question: {stem}\nOptions:\n{lines}\n\n{trailer}"})
+        rows.append({"label": label, "question": format_question(stem, options, style="reply")})
     return rows
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write ``rows`` as JSON Lines (UTF-8, non-ASCII kept as is, one object per line); return the path."""
+    """Write ``rows`` as JSON Lines (UTF-8, non-ASCII kept as is, one object per line); return the path.
+
+    Goes through :func:`cnl.io.atomic_write_jsonl` (parent folders created, file replaced atomically).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    atomic_write_jsonl(path, (dict(row) for row in rows))
     return path
-
-
-def run_cli(argv: list[str]) -> int:
-    """``cnl.cli.main(argv)``'s exit status, whether it returns or raises ``SystemExit`` (argparse)."""
-    from .cli import main
-
-    try:
-        return main(argv)
-    except SystemExit as e:
-        code = e.code
-        return 0 if code is None else code if isinstance(code, int) else 1

@@ -1,0 +1,144 @@
+"""``cnl compare``: the whole study in one resumable job: split, train each method, report.
+
+:func:`plan_compare` resolves every method's configuration (the one layering of
+:func:`cnl.config.resolve_configs`) and validates the dataset before any model loads;
+:func:`run_compare` splits (or reuses a matching split), checks every run before any of them trains
+(sets, resumability), trains each method into ``runs/<method>-<optimizer>`` with ``resume`` (finished
+runs are reused), then writes the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, ModelConfig, ResolvedConfigs, resolve_configs
+from .errors import CnlError, ConfigError
+
+__all__ = ["COMPARE_METHODS", "ComparePlan", "plan_compare", "run_compare"]
+
+#: Methods whose runs share the in-set learning and forgetting sets, so one report compares them.
+COMPARE_METHODS = ("ft", "cnl")
+
+
+@dataclass
+class ComparePlan:
+    """A comparison resolved and validated, before any model work."""
+
+    dataset: str
+    limit: int | None
+    rows: list[Any]
+    tag: str
+    out: Path
+    configs: dict[str, ResolvedConfigs]
+    source: Any
+    run_dirs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def model(self) -> ModelConfig:
+        return next(iter(self.configs.values())).model
+
+    @property
+    def preset(self) -> str | None:
+        return next(iter(self.configs.values())).preset
+
+    @property
+    def split_dir(self) -> Path:
+        return self.out / "split"
+
+    @property
+    def split_identity(self) -> dict[str, Any]:
+        """What a reusable split must have been made from."""
+        return {"source": self.dataset, "limit": self.limit, "model_source": self.source.path_or_id}
+
+
+def plan_compare(
+    *,
+    dataset: str,
+    out: str | Path,
+    methods: Sequence[str],
+    limit: int | None = None,
+    config_file: Path | None = None,
+    preset: str | None = None,
+    train: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+) -> ComparePlan:
+    """Resolve and validate every method's configuration and the dataset (no model work)."""
+    from .data import resolve_dataset
+    from .methods import validate_train_config
+    from .models import resolve_model_source
+
+    for m in methods:
+        if m not in COMPARE_METHODS:
+            raise CnlError(
+                f"--methods takes {' and '.join(COMPARE_METHODS)} (got {m!r}); use 'cnl train' for the others"
+            )
+    if not methods:
+        raise CnlError("--methods names no method")
+    rows, tag = resolve_dataset(dataset, limit=limit)  # validated before the model loads
+    configs = {
+        m: resolve_configs(config_file=config_file, preset=preset, train={**(train or {}), "method": m}, model=model)
+        for m in methods
+    }
+    for c in configs.values():
+        validate_train_config(c.train)
+    first = next(iter(configs.values()))
+    plan = ComparePlan(dataset, limit, rows, tag, Path(out), configs, resolve_model_source(first.model.model))
+    plan.run_dirs = {m: plan.out / "runs" / f"{m}-{c.train.optimizer}" for m, c in configs.items()}
+    return plan
+
+
+def run_compare(
+    plan: ComparePlan,
+    load_model: Callable[[ModelConfig, Sequence[Any]], tuple[Any, Any, Any]],
+    *,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Split, train every method, write the report; return the report content.
+
+    ``load_model(model_config, rows)`` loads the model for the split (the CLI's loader prints what it
+    loaded); it is not called when a matching split exists.
+    """
+    from .report import write_report
+    from .split import read_split_manifest, run_split
+    from .train import ResumeMismatch, plan_run, train
+
+    steps = len(plan.configs) + 2
+    want = plan.split_identity
+    manifest = None
+    if (plan.split_dir / "split.json").exists():
+        found = read_split_manifest(plan.split_dir).manifest
+        manifest = found if all(found.get(k) == v for k, v in want.items()) else None
+    limit = f" (first {plan.limit})" if plan.limit else ""
+    say(f"== 1/{steps} split: {plan.tag}{limit} with {plan.source.tag}" + (" (reused)" if manifest else ""))
+    if manifest is None:
+        model, tokenizer, source = load_model(plan.model, plan.rows)
+        result = run_split(
+            plan.rows, model, tokenizer, dataset_tag=plan.tag, model_tag=source.tag, out_dir=plan.split_dir, extra=want
+        )
+        del model
+        manifest = result.manifest
+    files = manifest["files"]
+    say(
+        f"accuracy {manifest['accuracy']:.1%}: mastered M = {files['correct']['count']}, "
+        f"injection I = {files['wrong']['count']}"
+    )
+    data = DataConfig(split=str(plan.split_dir))
+    for m, c in plan.configs.items():  # every run is checked (sets, resumability) before any trains
+        try:
+            plan_run(c.train, data, c.model, plan.run_dirs[m], resume=True)
+        except ResumeMismatch as e:
+            raise ConfigError(
+                f"{plan.run_dirs[m]} holds a run made with other options ({str(e).split(': ', 1)[-1]}); "
+                "use another --out or delete that directory"
+            ) from None
+    for i, (m, c) in enumerate(plan.configs.items(), start=2):
+        say(
+            f"\n== {i}/{steps} train {m}/{c.train.optimizer}: lr {c.train.lr:g}, {c.train.epochs} epochs"
+            + (f" (preset {c.preset})" if c.preset else "")
+        )
+        train(c.train, data, c.model, plan.run_dirs[m], resume=True)
+    say(f"\n== {steps}/{steps} report")
+    return write_report(list(plan.run_dirs.values()), plan.out / "report")

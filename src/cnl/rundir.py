@@ -1,0 +1,307 @@
+"""The run directory: the one place that knows its layout and file formats.
+
+``cnl train`` writes one directory per run; ``cnl report``, ``cnl analyze distance`` and ``cnl compare``
+read it back through :class:`RunDir` only::
+
+    run.json          method, optimizer, setting, roles, sets (file, sha256, count), status, epochs done
+    config.yaml       the resolved configuration (``--config`` takes it back)
+    summary.csv       one row per finished epoch (SPEC columns, then masked fraction and seconds)
+    predictions/      epoch_001_injection.jsonl, ... (label, predict_label, question)
+    train.log
+    checkpoint/       latest.json -> epoch_NNN/ (weights and state; safetensors + JSON, no pickle)
+    model/            with --save-model: Hugging Face format (LoRA: the adapter)
+
+Every write goes through :mod:`cnl.io` (atomic files, atomic directories).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CnlError
+from .io import (
+    atomic_dir,
+    atomic_save,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_yaml,
+    file_digest,
+)
+
+__all__ = ["RunDir", "RunDirError", "RunSeries", "INT_COLUMNS"]
+
+#: Summary columns holding counts (read back as int); ``epoch`` too. Every other column is a float.
+INT_COLUMNS = ("epoch", "wrong_to_correct", "correct_to_wrong", "correct2_to_wrong", "wrong2_to_correct")
+
+
+class RunDirError(CnlError):
+    """A run directory is missing, damaged or not what the caller expects."""
+
+
+@dataclass(frozen=True)
+class RunSeries:
+    """Learned and forgotten counts per finished epoch of a run (what reports plot)."""
+
+    epochs: list[int]
+    learned: list[int]
+    forgotten: list[int]
+
+
+class RunDir:
+    """Paths and readers/writers of one run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    def prediction_file(self, epoch: int, set_name: str) -> Path:
+        return self.predictions / f"epoch_{epoch:03d}_{set_name}.jsonl"
+
+    # ------------------------------------------------------------------ run.json / config.yaml
+    def exists(self) -> bool:
+        """Whether a run was started here (``run.json`` exists)."""
+        return self.run_json.exists()
+
+    def read_info(self) -> dict[str, Any]:
+        """``run.json`` as a dict, or a clear error naming what is wrong."""
+        if not self.root.is_dir():
+            raise RunDirError(f"{self.root}: not a run directory (no such directory)")
+        if not self.run_json.exists():
+            raise RunDirError(
+                f"{self.root}: not a run directory (no run.json); pass directories written by 'cnl train'"
+            )
+        try:
+            info = json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{self.run_json}: damaged, not valid JSON ({e})") from None
+        if not isinstance(info, dict):
+            raise RunDirError(f"{self.run_json}: damaged, expected a JSON object")
+        return info
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.run_json, info)
+
+    def write_config(self, resolved: dict[str, Any]) -> None:
+        atomic_write_yaml(self.config, resolved)
+
+    # ------------------------------------------------------------------ summary.csv
+    def write_summary(self, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+        atomic_write_csv(self.summary, columns, [[r[c] for c in columns] for r in rows])
+
+    def read_summary(self) -> list[dict[str, Any]]:
+        """The finished epochs' rows, by column name, with counts as int and the rest as float."""
+        if not self.summary.exists():
+            return []
+        out = []
+        try:
+            with open(self.summary, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                for r in reader:
+                    if None in r or None in r.values():  # a row with more or fewer fields than the header
+                        raise RunDirError(f"{self.summary}:{reader.line_num}: damaged row (wrong number of fields)")
+                    try:
+                        out.append({k: (int(v) if k in INT_COLUMNS else float(v)) for k, v in r.items()})
+                    except ValueError:
+                        raise RunDirError(f"{self.summary}:{reader.line_num}: damaged row {r}") from None
+        except UnicodeDecodeError as e:
+            raise RunDirError(f"{self.summary}: damaged, not UTF-8 text ({e.reason})") from None
+        return out
+
+    def series(self, info: dict[str, Any] | None = None) -> RunSeries:
+        """Learned/forgotten per epoch, by the column names the run's setting uses."""
+        info = self.read_info() if info is None else info
+        roles = info.get("roles") or {}
+        learn, forget = roles.get("learn_column"), roles.get("forget_column")
+        if learn is None or forget is None:
+            raise RunDirError(f"{self.run_json}: damaged, no learn/forget column names in 'roles'")
+        rows = self.read_summary()
+        return RunSeries([r["epoch"] for r in rows], [r[learn] for r in rows], [r[forget] for r in rows])
+
+    # ------------------------------------------------------------------ predictions
+    def write_predictions(self, epoch: int, set_name: str, rows: Sequence[Any], letters: Sequence[str]) -> None:
+        """One JSONL line per question: ``label``, ``predict_label``, ``question`` (SPEC §4)."""
+        atomic_write_jsonl(
+            self.prediction_file(epoch, set_name),
+            (
+                {"label": r.label, "predict_label": x, "question": r.question}
+                for r, x in zip(rows, letters, strict=True)
+            ),
+        )
+
+    def read_predicted_letters(self, epoch: int, set_name: str) -> list[str]:
+        """The ``predict_label`` of every question of a prediction file, in order."""
+        path = self.prediction_file(epoch, set_name)
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing (the run wrote no predictions for {set_name} at epoch {epoch})")
+        try:
+            text_lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise RunDirError(f"{path}: damaged, not UTF-8 text ({e.reason})") from None
+        letters = []
+        for line, text in enumerate(text_lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                letters.append(str(json.loads(text)["predict_label"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise RunDirError(f"{path}:{line}: damaged prediction row") from None
+        return letters
+
+    # ------------------------------------------------------------------ set files
+    @staticmethod
+    def describe_set(path: Path, count: int) -> dict[str, Any]:
+        """What run.json records of an input set: its absolute file, digest and size."""
+        return {"file": str(path.resolve()), "sha256": file_digest(path), "count": count}
+
+    def verify_sets(self, info: dict[str, Any], names: Sequence[str]) -> dict[str, Path]:
+        """The files of the run's sets ``names``, checked to still exist unchanged since the run."""
+        files = {}
+        for name in names:
+            meta = (info.get("sets") or {}).get(name)
+            if not isinstance(meta, dict) or "file" not in meta or "sha256" not in meta:
+                raise RunDirError(f"{self.root}: run.json records no {name} set (file and sha256)")
+            path = Path(meta["file"])
+            if not path.is_file():
+                raise RunDirError(f"{self.root}: its {name} set {path} is gone")
+            if file_digest(path) != meta["sha256"]:
+                raise RunDirError(f"{self.root}: its {name} set {path} changed since the run")
+            files[name] = path
+        return files
+
+    # ------------------------------------------------------------------ checkpoints
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoints / "latest.json").exists()
+
+    def save_checkpoint(self, epoch: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Write epoch ``epoch``'s checkpoint as a complete folder, then point ``latest.json`` at it.
+
+        ``state`` is a tree of dicts, lists, numbers, strings and tensors; tensors go to safetensors and
+        the rest to JSON, so loading a checkpoint never unpickles anything. The pointer is written after
+        the folder is complete, so a kill at any moment leaves the previous checkpoint valid; older
+        folders are removed only afterwards.
+        """
+        from safetensors.torch import save_file
+
+        name = f"epoch_{epoch:03d}"
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _split_tensors(state, "", tensors)
+        with atomic_dir(self.checkpoints / name) as tmp:
+            cpu_weights = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
+            atomic_save(tmp / "weights.safetensors", lambda p: save_file(cpu_weights, p))
+            atomic_save(tmp / "state.safetensors", lambda p: save_file(tensors, p))
+            atomic_write_json(tmp / "state.json", skeleton)
+        atomic_write_json(self.checkpoints / "latest.json", {"epoch": epoch, "folder": name})
+        for old in self.checkpoints.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """``(weights, state)`` of the latest checkpoint, or None when there is none."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        pointer = self.checkpoints / "latest.json"
+        if not pointer.exists():
+            return None
+        hint = "delete the checkpoint/ folder and start the run again in a new --out"
+        try:
+            folder = self.checkpoints / str(json.loads(pointer.read_text(encoding="utf-8"))["folder"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise RunDirError(f"{pointer}: damaged checkpoint pointer; {hint}") from None
+        if not folder.is_dir():
+            raise RunDirError(f"{pointer} points at {folder.name}, which is missing; {hint}")
+        try:
+            weights = load_file(str(folder / "weights.safetensors"))
+            tensors = load_file(str(folder / "state.safetensors"))
+            skeleton = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{folder}: damaged checkpoint ({type(e).__name__}: {e}); {hint}") from None
+        return weights, _join_tensors(skeleton, tensors)
+
+    def remove_checkpoints(self) -> None:
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the final model
+    def save_model(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Save in Hugging Face format (safetensors; LoRA: the adapter), replacing ``model/`` atomically."""
+        with atomic_dir(self.model) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+
+_TENSOR = "__tensor__"
+
+
+def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    """Copy of ``obj`` with every tensor replaced by ``{"__tensor__": key}`` and stored in ``out``.
+
+    Keys are numbered (``prefix`` only makes them readable), so no two entries can collide; a tensor
+    that shares memory with one already stored is copied, because safetensors refuses shared storage.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = f"{len(out)}{prefix}"
+        t = obj.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and any(u.numel() and u.untyped_storage().data_ptr() == ptr for u in out.values()):
+            t = t.clone()
+        out[key] = t.contiguous()
+        return {_TENSOR: key}
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            raise TypeError(f"a checkpoint cannot store a dict with the reserved key {_TENSOR!r}")
+        return {str(k): _split_tensors(v, f"{prefix}/{k}", out) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_split_tensors(v, f"{prefix}/{i}", out) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
