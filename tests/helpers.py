@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
 from cnl.cli import main
 
 
@@ -12,3 +18,27 @@ def run_cli(argv: list[str]) -> int:
     except SystemExit as e:
         code = e.code
         return 0 if code is None else code if isinstance(code, int) else 1
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block under ``mask``, restoring the previous umask afterwards."""
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def mode_of(path: Path) -> int:
+    """Permission bits of ``path``."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+#: SPEC §4: the optimizers each of the seed's methods runs with.
+SPEC_OPTIMIZERS = {
+    "cnl": ("sgd", "momentum", "adam", "adamw"),
+    "ft": ("sgd", "momentum", "adam", "adamw"),
+    "lora": ("sgd", "momentum", "adamw"),
+    "replay": ("sgd",),
+}

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
-import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from filelock import FileLock, Timeout
+from helpers import mode_of, umask
 
 import cnl.io
 from cnl.errors import CnlError, ConfigError
@@ -187,18 +186,6 @@ def test_replace_keeps_other_readers_view(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ permissions
-@contextlib.contextmanager
-def umask(mask: int) -> Iterator[None]:
-    """Run the block under ``mask``, restoring the previous umask afterwards."""
-    before = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(before)
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def _mkstemp_saver(path: str) -> None:

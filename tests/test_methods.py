@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import SPEC_OPTIMIZERS
 
 import cnl.methods
 import cnl.models
@@ -24,13 +25,6 @@ from cnl.scoring import PromptEncoder
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
 
 FOUR = ("cnl", "ft", "lora", "replay")
-#: SPEC §4: the optimizers each method runs with.
-SPEC_OPTIMIZERS = {
-    "cnl": ("sgd", "momentum", "adam", "adamw"),
-    "ft": ("sgd", "momentum", "adam", "adamw"),
-    "lora": ("sgd", "momentum", "adamw"),
-    "replay": ("sgd",),
-}
 PLAIN_SETTINGS = ("in-set", "ood-correct", "ood-wrong")
 
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import random
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import mode_of, umask
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cnl.data import rows_from_dicts
@@ -21,19 +18,6 @@ from cnl.errors import CnlError
 from cnl.rundir import INT_COLUMNS, RunDir, RunDirError, RunSeries
 from cnl.sets import roles_for
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
-
-
-@contextlib.contextmanager
-def umask(mask: int) -> Iterator[None]:
-    before = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(before)
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def run_error(fn: Any, *args: Any) -> str:

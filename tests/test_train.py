@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import SPEC_OPTIMIZERS, umask
 from transformers import AutoModelForCausalLM
 
 import cnl.train as T
@@ -34,12 +35,7 @@ from cnl.scoring import PromptEncoder
 from cnl.split import run_split
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
 
-METHOD_OPTIMIZERS = {
-    "cnl": ("sgd", "momentum", "adam", "adamw"),
-    "ft": ("sgd", "momentum", "adam", "adamw"),
-    "lora": ("sgd", "momentum", "adamw"),
-    "replay": ("sgd",),
-}
+METHOD_OPTIMIZERS = SPEC_OPTIMIZERS
 SETTINGS = ("in-set", "ood-correct", "ood-wrong")
 SECONDS = ("reference_seconds", "train_seconds", "eval_seconds", "epoch_seconds")
 SPEC_COLUMNS = {
@@ -977,12 +973,9 @@ def test_any_exception_marks_the_run_failed(tmp_path, sets, monkeypatch):
 def test_run_outputs_are_readable_by_group_and_others(tmp_path, sets):
     """Under the usual umask 022 every file of a run is 0644 and every folder 0755 (no 0600 temp-file
     modes leaking through), checkpoints and the saved model included."""
-    old = os.umask(0o022)
-    try:
-        out = tmp_path / "perm"
+    out = tmp_path / "perm"
+    with umask(0o022):
         run_train(out, sets, method="cnl", epochs=1, keep_checkpoint=True, save_model=True)
-    finally:
-        os.umask(old)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {"run.json", "summary.csv", "config.yaml", "train.log", "weights.safetensors", "latest.json"} <= {
         p.name for p in files
