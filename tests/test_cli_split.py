@@ -321,7 +321,7 @@ def test_interrupted_rerun_does_not_keep_old_manifest(
     assert (out / MANIFEST).exists()
     _fail_after(monkeypatch, 2, OSError("disk full"))
     with pytest.raises(OSError):
-        main([*argv, "--limit", "4"])
+        main([*argv, "--limit", "4", "--force"])
     assert not (out / MANIFEST).exists()
 
 

@@ -475,33 +475,29 @@ def distance_inputs(ft_run: Any) -> DistanceInputs:
 def run_distance(
     inputs: DistanceInputs,
     model: torch.nn.Module,
-    tokenizer: Any,
+    encoded: dict[str, list[Encoded]],
     out_dir: Any,
     *,
     model_tag: str,
     batch_size: int = 8,
+    pad_id: int = 0,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Compute d_m for every mastered question at the model's parameters and write ``distance.jsonl``,
-    ``distance_table.csv``, ``distance.json`` and ``distance.png``; return the ``distance.json`` content."""
+    ``distance_table.csv``, ``distance.json`` and ``distance.png``; return the ``distance.json`` content.
+
+    ``encoded`` holds the run's learning and forgetting sets encoded for the model, in file order."""
     import time
     from pathlib import Path
 
     from .io import atomic_write_csv, atomic_write_json, atomic_write_jsonl
-    from .scoring import PromptEncoder
 
     for p in model.parameters():
         p.requires_grad_(True)
-    enc = PromptEncoder(tokenizer)
-    still_wrong = [enc.encode(inputs.learn_rows[i]) for i in inputs.still_wrong]
+    still_wrong = [encoded[inputs.learn][i] for i in inputs.still_wrong]
     t0 = time.perf_counter()
     dots = gradient_distance(
-        model,
-        enc.encode_all(inputs.forget_rows),
-        still_wrong,
-        batch_size=batch_size,
-        pad_id=enc.pad_id,
-        progress=progress,
+        model, encoded[inputs.forget], still_wrong, batch_size=batch_size, pad_id=pad_id, progress=progress
     )
     forgotten = inputs.forgotten
     table = distance_table(dots, forgotten)
@@ -553,36 +549,29 @@ def neuron_inputs(data: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
 
 def run_neurons(
     model: torch.nn.Module,
-    tokenizer: Any,
+    encoded: dict[str, list[Encoded]],
     files: dict[str, Any],
-    rows: dict[str, list[Any]],
     out_dir: Any,
     *,
     meta: dict[str, Any],
     batch_size: int = 8,
+    pad_id: int = 0,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Neuron statistics at the model's parameters, written to ``out_dir``; return the ``neurons.json`` content."""
+    """Neuron statistics at the model's parameters over the encoded ``mastered`` and ``injection`` sets,
+    written to ``out_dir``; return the ``neurons.json`` content."""
     import time
-
-    from .scoring import PromptEncoder
 
     for p in model.parameters():
         p.requires_grad_(True)
-    enc = PromptEncoder(tokenizer)
     t0 = time.perf_counter()
     stats = neuron_statistics(
-        model,
-        enc.encode_all(rows["mastered"]),
-        enc.encode_all(rows["injection"]),
-        batch_size=batch_size,
-        pad_id=enc.pad_id,
-        progress=progress,
+        model, encoded["mastered"], encoded["injection"], batch_size=batch_size, pad_id=pad_id, progress=progress
     )
     meta = {
         **meta,
-        "mastered": {"file": str(files["mastered"]), "count": len(rows["mastered"])},
-        "injection": {"file": str(files["injection"]), "count": len(rows["injection"])},
+        "mastered": {"file": str(files["mastered"]), "count": len(encoded["mastered"])},
+        "injection": {"file": str(files["injection"]), "count": len(encoded["injection"])},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return write_neuron_outputs(stats, out_dir, meta)

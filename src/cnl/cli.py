@@ -9,10 +9,12 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import (
@@ -25,22 +27,34 @@ from .config import (
     resolve_configs,
     values_from_namespace,
 )
-from .errors import CnlError
+from .errors import CnlError, Terminated
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     return build_config(ModelConfig, ("command line", values_from_namespace(args, ModelConfig)))
 
 
-def _load_model(cfg: ModelConfig, rows: Sequence = ()):
-    """Load the model; ``rows`` (questions) are encoded with the tokenizer first, before the weights."""
+def _load_model(
+    cfg: ModelConfig,
+    sets: dict[str, Sequence[Any]],
+    *,
+    sources: dict[str, str] | None = None,
+    skip_long: bool = False,
+) -> tuple[Any, Any, Any, Any]:
+    """Load the model; every question of ``sets`` is encoded (and its length checked against the
+    model's context) with the tokenizer first, before the weights; returns the encoded sets too."""
     from .models import load_from_config
-    from .scoring import PromptEncoder
+    from .scoring import PromptEncoder, encode_sets
 
     t0 = time.perf_counter()
-    model, tokenizer, source = load_from_config(
-        cfg, check_tokenizer=(lambda tok: PromptEncoder(tok).check(rows)) if rows else None
-    )
+    fitted = []
+
+    def encode(tok: Any, context: int | None) -> None:
+        fitted.append(
+            encode_sets(PromptEncoder(tok), dict(sets), sources=sources, max_length=context, skip_long=skip_long)
+        )
+
+    model, tokenizer, source = load_from_config(cfg, check_tokenizer=encode)
     n_params = sum(p.numel() for p in model.parameters())
     device = next(model.parameters()).device
     print(
@@ -48,7 +62,9 @@ def _load_model(cfg: ModelConfig, rows: Sequence = ()):
         f"loaded in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
-    return model, tokenizer, source
+    if fitted[0].n_skipped:
+        print(f"skipped {fitted[0].n_skipped} question(s) longer than the model's context", file=sys.stderr)
+    return model, tokenizer, source, fitted[0]
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
@@ -74,7 +90,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------- split
 def cmd_split(args: argparse.Namespace) -> int:
     from .data import resolve_dataset
-    from .split import SPLIT_PARTS, run_split
+    from .io import locked_output
+    from .split import MANIFEST, SPLIT_PARTS, run_split
 
     cfg = _model_config(args)
     rows, tag = resolve_dataset(args.dataset, limit=args.limit)  # validated before the model loads
@@ -82,17 +99,30 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise CnlError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out}: exists and is not a directory")
-    model, tokenizer, source = _load_model(cfg, rows)
-    result = run_split(
-        rows,
-        model,
-        tokenizer,
-        dataset_tag=tag,
-        model_tag=source.tag,
-        out_dir=args.out,
-        batch_size=args.batch_size,
-        extra={"source": args.dataset, "limit": args.limit, "model_source": source.path_or_id},
-    )
+    with locked_output(args.out, "cnl split"):
+        if (args.out / MANIFEST).exists() and not args.force:
+            raise CnlError(
+                f"{args.out} already holds a split ({MANIFEST}); pass --force to replace it, or choose another --out"
+            )
+        model, tokenizer, source, fitted = _load_model(
+            cfg, {"dataset": rows}, sources={"dataset": args.dataset}, skip_long=args.skip_long_prompts
+        )
+        result = run_split(
+            fitted.rows["dataset"],
+            model,
+            tokenizer,
+            encoded=fitted.encoded["dataset"],
+            dataset_tag=tag,
+            model_tag=source.tag,
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            extra={
+                "source": args.dataset,
+                "limit": args.limit,
+                "model_source": source.path_or_id,
+                "skipped_long_prompts": fitted.skipped["dataset"],
+            },
+        )
     m = result.manifest
     print(
         f"\n{tag}: {m['n']} questions, accuracy {m['accuracy']:.1%} "
@@ -117,6 +147,12 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick runs)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
+    p.add_argument("--force", action="store_true", help="replace a split already in --out")
+    p.add_argument(
+        "--skip-long-prompts",
+        action="store_true",
+        help="leave out questions longer than the model's context (counted in split.json); off: an error",
+    )
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_split)
 
@@ -212,21 +248,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------- analyze
 def cmd_analyze_neurons(args: argparse.Namespace) -> int:
     from .analyze import neuron_inputs, run_neurons
+    from .io import locked_output
+    from .models import pad_token_id
 
     cfg = _model_config(args)
     data = build_config(DataConfig, ("command line", values_from_namespace(args, DataConfig)))
     files, rows = neuron_inputs(data)
     _check_batch_size(args.batch_size)
-    model, tokenizer, source = _load_model(cfg, [*rows["mastered"], *rows["injection"]])
-    content = run_neurons(
-        model,
-        tokenizer,
-        files,
-        rows,
-        args.out,
-        meta={"model": source.tag, "model_source": source.path_or_id},
-        batch_size=args.batch_size,
-    )
+    with locked_output(args.out, "cnl analyze neurons"):
+        model, tokenizer, source, fitted = _load_model(cfg, rows, sources={k: str(v) for k, v in files.items()})
+        content = run_neurons(
+            model,
+            fitted.encoded,
+            files,
+            args.out,
+            meta={"model": source.tag, "model_source": source.path_or_id},
+            batch_size=args.batch_size,
+            pad_id=pad_token_id(tokenizer),
+        )
     o = content["overall"]
     print(
         f"\n{source.tag}: {o['elements'] / 1e6:.2f}M parameters; "
@@ -249,6 +288,8 @@ def cmd_analyze_neurons(args: argparse.Namespace) -> int:
 
 def cmd_analyze_distance(args: argparse.Namespace) -> int:
     from .analyze import distance_inputs, run_distance
+    from .io import locked_output
+    from .models import pad_token_id
 
     inputs = distance_inputs(args.ft_run)
     for note in inputs.notes:
@@ -257,8 +298,21 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
     cfg = _model_config(args)
     if "model" not in vars(args):
         cfg.model = inputs.base_model
-    model, tokenizer, source = _load_model(cfg, [*inputs.learn_rows, *inputs.forget_rows])
-    summary = run_distance(inputs, model, tokenizer, args.out, model_tag=source.tag, batch_size=args.batch_size)
+    with locked_output(args.out, "cnl analyze distance"):
+        model, tokenizer, source, fitted = _load_model(
+            cfg,
+            {inputs.learn: inputs.learn_rows, inputs.forget: inputs.forget_rows},
+            sources={n: inputs.info["sets"][n]["file"] for n in (inputs.learn, inputs.forget)},
+        )
+        summary = run_distance(
+            inputs,
+            model,
+            fitted.encoded,
+            args.out,
+            model_tag=source.tag,
+            batch_size=args.batch_size,
+            pad_id=pad_token_id(tokenizer),
+        )
     table, follow = summary["table"], summary["thirds"]
     print(
         f"\nI' = {summary['still_wrong']} {inputs.learn} questions still wrong at epoch {inputs.final_epoch}; "
@@ -312,7 +366,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--out", required=True, type=Path, help="output directory")
     n.add_argument("--batch-size", type=int, default=8, help="questions per backward pass (default: 8)")
     add_dataclass_arguments(
-        n, DataConfig, exclude=("mastered1", "mastered2", "injection1", "injection2"), group_title="data"
+        n,
+        DataConfig,
+        exclude=("mastered1", "mastered2", "injection1", "injection2", "skip_long_prompts"),
+        group_title="data",
     )
     _add_model_arguments(n)
     n.set_defaults(handler=cmd_analyze_neurons)
@@ -464,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnl`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _terminate_like_interrupt()
     try:
         return int(args.handler(args) or 0)
     except CnlError as e:
@@ -472,6 +530,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: files already written are complete and kept", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated (SIGTERM): files already written are complete and kept", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_interrupt() -> Any:
+    """Make SIGTERM (timeout, schedulers, docker stop) stop the command the way Ctrl-C does: runs record
+    'interrupted' and keep finished epochs. Returns the previous handler (None off the main thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. cnl.cli.main called from a worker thread)
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,14 +92,15 @@ def plan_compare(
 
 def run_compare(
     plan: ComparePlan,
-    load_model: Callable[[ModelConfig, Sequence[Any]], tuple[Any, Any, Any]],
+    load_model: Callable[..., tuple[Any, Any, Any, Any]],
     *,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Split, train every method, write the report; return the report content.
 
-    ``load_model(model_config, rows)`` loads the model for the split (the CLI's loader prints what it
-    loaded); it is not called when a matching split exists.
+    ``load_model(model_config, {"dataset": rows}, sources=...)`` loads the model for the split and
+    returns ``(model, tokenizer, source, EncodedSets)`` (the CLI's loader prints what it loaded); it is
+    not called when a matching split exists.
     """
     from .report import write_report
     from .split import read_split_manifest, run_split
@@ -114,9 +115,18 @@ def run_compare(
     limit = f" (first {plan.limit})" if plan.limit else ""
     say(f"== 1/{steps} split: {plan.tag}{limit} with {plan.source.tag}" + (" (reused)" if manifest else ""))
     if manifest is None:
-        model, tokenizer, source = load_model(plan.model, plan.rows)
+        model, tokenizer, source, fitted = load_model(
+            plan.model, {"dataset": plan.rows}, sources={"dataset": plan.dataset}
+        )
         result = run_split(
-            plan.rows, model, tokenizer, dataset_tag=plan.tag, model_tag=source.tag, out_dir=plan.split_dir, extra=want
+            fitted.rows["dataset"],
+            model,
+            tokenizer,
+            encoded=fitted.encoded["dataset"],
+            dataset_tag=plan.tag,
+            model_tag=source.tag,
+            out_dir=plan.split_dir,
+            extra=want,
         )
         del model
         manifest = result.manifest

@@ -212,6 +212,9 @@ class DataConfig:
     """First half of I (ood-wrong trains on it)."""
     injection2: str | None = None
     """Second half of I (ood-wrong measures learning on it)."""
+    skip_long_prompts: bool = False
+    """Leave out questions whose prompt is longer than the model's context (a count is printed and
+    recorded in run.json); off: such a question is an error naming its file and line."""
 
 
 @dataclasses.dataclass

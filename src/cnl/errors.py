@@ -7,3 +7,11 @@ class CnlError(Exception):
 
 class ConfigError(CnlError, ValueError):
     """An option, preset or config file holds a value that cannot be used."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, a scheduler, ``docker stop``); handled like Ctrl-C (exit status 143)."""
+
+
+class OutputError(CnlError, OSError):
+    """An output directory cannot be used: not writable, full, or held by another cnl process."""

@@ -16,13 +16,17 @@ import csv
 import ctypes
 import ctypes.util
 import errno
+import getpass
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,7 +34,7 @@ from typing import IO, Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 __all__ = [
     "atomic_open",
@@ -44,6 +48,8 @@ __all__ = [
     "atomic_dir",
     "remove_atomic_leftovers",
     "exclusive",
+    "locked_output",
+    "check_writable",
     "file_digest",
     "read_yaml",
     "file_mode",
@@ -246,6 +252,97 @@ def exclusive(lock_path: PathLike, timeout: float = -1) -> Iterator[None]:
     p.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(p), timeout=timeout, mode=file_mode()):
         yield
+
+
+#: Files of a held output directory: the lock (``filelock``) and who holds it.
+LOCK_NAME = ".cnl.lock"
+HOLDER_NAME = ".cnl.lock.json"
+
+
+def check_writable(folder: PathLike) -> None:
+    """Fail now, with a clear message, when files cannot be created in ``folder`` (or its nearest existing parent)."""
+    p = Path(folder)
+    probe_in = p
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if probe_in.exists() and not probe_in.is_dir():
+        raise OutputError(f"{probe_in} exists and is not a directory; choose another output")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cnl-write-test.", dir=probe_in)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+        raise OutputError(
+            f"cannot write into {probe_in} ({why}); choose another output or fix its permissions"
+        ) from None
+
+
+@contextlib.contextmanager
+def locked_output(folder: PathLike, purpose: str) -> Iterator[Path]:
+    """Hold ``folder`` for one cnl process: a second one is refused with a message naming the holder.
+
+    The lock is a ``filelock`` on ``folder/.cnl.lock`` (the kernel drops it when its process dies, so a
+    killed run's lock never blocks the next one); ``.cnl.lock.json`` says who holds it. Both are removed
+    on release. A folder this call had to create is removed again when the block fails before writing
+    anything into it.
+    """
+    from filelock import FileLock, Timeout
+
+    root = Path(folder)
+    check_writable(root)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / LOCK_NAME), timeout=0, mode=file_mode())
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputError(
+            f"{root} is in use by another cnl process ({_describe_holder(root)}); wait for it to "
+            "finish or stop it, or choose another output"
+        ) from None
+    ok = False
+    try:
+        atomic_write_json(
+            root / HOLDER_NAME,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "user": _user(),
+                "purpose": purpose,
+                "command": " ".join(sys.argv),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        yield root
+        ok = True
+    finally:
+        # unlinked while still held: a process that opened the file before cannot take it, one that comes
+        # after makes a new one, and the finished output holds no lock files
+        for name in (HOLDER_NAME, LOCK_NAME):
+            with contextlib.suppress(OSError):
+                (root / name).unlink()
+        lock.release()
+        if created and not ok:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when nothing was written into it
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def _describe_holder(root: Path) -> str:
+    try:
+        h = json.loads((root / HOLDER_NAME).read_text(encoding="utf-8"))
+        return f"{h['purpose']}, pid {h['pid']} on {h['host']} by {h['user']} since {h['since']}: {h['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -53,6 +53,7 @@ __all__ = [
     "ensure_converted_gguf",
     "load_model_and_tokenizer",
     "pad_token_id",
+    "context_length",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_source",
@@ -483,7 +484,7 @@ def _from_pretrained(
     trust_remote_code: bool,
     check_tokenizer: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_kwargs: dict[str, Any] = {_dtype_kwarg(): torch_dtype, "trust_remote_code": trust_remote_code}
     if source.kind != "hub":
@@ -491,9 +492,11 @@ def _from_pretrained(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        _ensure_pad_token(tokenizer, source)
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
         if check_tokenizer is not None:  # cheap checks before the (possibly large) weights load
-            check_tokenizer(tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs)
+            check_tokenizer(tokenizer, context_length(config, tokenizer))
+        model = AutoModelForCausalLM.from_pretrained(where, config=config, **model_kwargs)
     except CnlError:
         raise
     except Exception as exc:
@@ -513,6 +516,26 @@ def _from_pretrained(
             hint = "Check that the directory holds a complete model and tokenizer (save_pretrained output)."
         raise ModelError(f"Could not load model {source.path_or_id!r}: {detail}\n{hint}") from exc
     return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: Any, source: ModelSource) -> None:
+    """Batches are left-padded; a tokenizer without a pad token pads with its EOS token (masked out anyway)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"The tokenizer of {source} has neither a pad nor an EOS token; cannot pad batches.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The longest input the model takes, in tokens: its config's position limit, else the tokenizer's
+    ``model_max_length`` when that is a real limit; None when neither says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 10**8 else None
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -542,8 +565,10 @@ def load_model_and_tokenizer(
         device: ``"auto"`` (CUDA if available, else CPU) or any torch device string.
         trust_remote_code: allow running Python code shipped with a hub / local model. Off by default;
             converted GGUF models never need it.
-        check_tokenizer: called with the tokenizer before the weights load (e.g. to encode every
-            question, so that a missing chat template fails in seconds, not after a 7B model loads).
+        check_tokenizer: called as ``check_tokenizer(tokenizer, context_length)`` before the weights load
+            (e.g. to encode every question and check its length, so that a missing chat template or an
+            over-long prompt fails in seconds, not after a 7B model loads); ``context_length`` is
+            :func:`context_length` of the model's config (None when unknown).
 
     Returns:
         ``(model, tokenizer, source)``. The model is on ``device`` in ``dtype`` and in ``eval()`` mode
@@ -565,12 +590,6 @@ def load_model_and_tokenizer(
         where = source.path_or_id
 
     lm, tokenizer = _from_pretrained(source, where, torch_dtype, trust_remote_code, check_tokenizer)
-
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"The tokenizer of {source} has neither a pad nor an EOS token; cannot pad batches.")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     gen = getattr(lm, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id

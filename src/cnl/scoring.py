@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import MCRow
+from .data import DataError, MCRow
 from .errors import CnlError
 from .models import pad_token_id
 
@@ -34,6 +34,8 @@ __all__ = [
     "FIXED_DATE",
     "Encoded",
     "PromptEncoder",
+    "EncodedSets",
+    "encode_sets",
     "length_sorted_batches",
     "last_token_logits",
     "batch_losses",
@@ -141,6 +143,65 @@ class PromptEncoder:
     def encode_all(self, rows: Sequence[MCRow]) -> list[Encoded]:
         """Encode many questions (tokenization is cheap next to a forward pass)."""
         return [self.encode(r) for r in rows]
+
+
+@dataclass
+class EncodedSets:
+    """Question sets encoded for one model, with the questions too long for its context left out.
+
+    Attributes:
+        encoded: per set, the encoded questions that fit, in file order.
+        rows: per set, the rows that fit (aligned with ``encoded``).
+        skipped: per set, the file lines of the questions left out (empty unless skipping was asked for).
+    """
+
+    encoded: dict[str, list[Encoded]]
+    rows: dict[str, list[MCRow]]
+    skipped: dict[str, list[int]]
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+
+def encode_sets(
+    encoder: PromptEncoder,
+    sets: dict[str, Sequence[MCRow]],
+    *,
+    sources: dict[str, str] | None = None,
+    max_length: int | None = None,
+    skip_long: bool = False,
+) -> EncodedSets:
+    """Encode every set once; check each prompt against the model's context ``max_length``.
+
+    A prompt longer than the context is an error naming its file (``sources[name]``), line and length,
+    unless ``skip_long``, which leaves such questions out and records their lines. Run it before the
+    weights load, so a 10k-token question fails in seconds rather than after minutes of work.
+    """
+    encoded: dict[str, list[Encoded]] = {}
+    kept: dict[str, list[MCRow]] = {}
+    skipped: dict[str, list[int]] = {}
+    for name, rows in sets.items():
+        encoded[name], kept[name], skipped[name] = [], [], []
+        too_long: list[tuple[MCRow, int]] = []
+        for row in rows:
+            e = encoder.encode(row)
+            if max_length is not None and len(e.input_ids) > max_length:
+                too_long.append((row, len(e.input_ids)))
+                skipped[name].append(row.line)
+                continue
+            encoded[name].append(e)
+            kept[name].append(row)
+        if too_long and not skip_long:
+            row, n = too_long[0]
+            more = f" ({len(too_long) - 1} more question(s) of this file too)" if len(too_long) > 1 else ""
+            raise DataError(
+                f"the prompt is {n} tokens, longer than the model's context of {max_length} tokens{more}; shorten "
+                "the question, or pass --skip-long-prompts to leave such questions out",
+                (sources or {}).get(name, name),
+                row.line or None,
+            )
+    return EncodedSets(encoded, kept, skipped)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

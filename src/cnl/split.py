@@ -23,7 +23,7 @@ import torch
 
 from .data import DataError, MCRow, split_halves
 from .io import atomic_write_json, atomic_write_jsonl
-from .scoring import PromptEncoder, predict
+from .scoring import Encoded, PromptEncoder, predict
 
 __all__ = ["SPLIT_PARTS", "SplitResult", "split_file_name", "run_split", "read_split_manifest"]
 
@@ -68,12 +68,17 @@ def run_split(
     batch_size: int = 16,
     progress: bool | None = None,
     extra: dict[str, Any] | None = None,
+    encoded: Sequence[Encoded] | None = None,
 ) -> SplitResult:
-    """Score ``rows`` with ``model`` and write every split file plus the manifest into ``out_dir``."""
+    """Score ``rows`` with ``model`` and write every split file plus the manifest into ``out_dir``.
+
+    ``encoded`` (the rows already encoded for this tokenizer, e.g. while checking their lengths before
+    the weights loaded) saves a second tokenization."""
     out = Path(out_dir)
     t0 = time.perf_counter()
     encoder = PromptEncoder(tokenizer)
-    encoded = encoder.encode_all(rows)
+    if encoded is None:
+        encoded = encoder.encode_all(rows)
     preds = predict(model, encoded, batch_size=batch_size, pad_id=encoder.pad_id, desc="split", progress=progress)
     seconds = time.perf_counter() - t0
 

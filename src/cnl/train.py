@@ -34,13 +34,24 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import MCRow, read_mc_jsonl
-from .errors import CnlError, ConfigError
+from .errors import CnlError, ConfigError, Terminated
+from .io import locked_output
 from .mask import SignReference
 from .methods import Method, validate_train_config
 from .optim import ParameterUpdater, make_rule, sparse_embedding_grads
 from .reference import reference_sign
 from .rundir import RunDir
-from .scoring import Encoded, Predictions, PromptEncoder, batch_losses, mc_batches, predict, spec_loss
+from .scoring import (
+    Encoded,
+    EncodedSets,
+    Predictions,
+    PromptEncoder,
+    batch_losses,
+    encode_sets,
+    mc_batches,
+    predict,
+    spec_loss,
+)
 from .sets import SetRoles, resolve_set_files, roles_for
 
 __all__ = [
@@ -117,12 +128,14 @@ def train(
     ``model``/``tokenizer`` may be given directly (tests, notebooks); otherwise ``model_cfg`` loads
     them. Everything that can be checked is checked before the model is loaded.
     """
-    plan = plan_run(cfg, data, model_cfg, out_dir, resume=resume)
-    if plan.finished_rows is not None:
-        if echo:
-            print(f"{plan.rundir.root}: run already finished ({len(plan.finished_rows)} epochs); nothing to do")
-        return plan.finished_rows
-    with _run_log(plan.rundir, echo) as say:
+    validate_train_config(cfg)
+    with locked_output(out_dir, "cnl train"), contextlib.ExitStack() as stack:
+        plan = plan_run(cfg, data, model_cfg, out_dir, resume=resume)
+        if plan.finished_rows is not None:
+            if echo:
+                print(f"{plan.rundir.root}: run already finished ({len(plan.finished_rows)} epochs); nothing to do")
+            return plan.finished_rows
+        say = stack.enter_context(_run_log(plan.rundir, echo))
         run = load(plan, model_cfg, model=model, tokenizer=tokenizer, model_tag=model_tag, say=say)
         try:
             with run.updater.hooked(cfg.update_in_backward):
@@ -175,6 +188,8 @@ class RunPlan:
     set_info: dict[str, Any]
     resolved: dict[str, Any]
     resume: bool
+    #: Leave out questions longer than the model's context (else they are an error).
+    skip_long: bool = False
     #: The summary of a finished run that needs no more epochs (None: there is work to do).
     finished_rows: list[dict[str, Any]] | None = None
 
@@ -187,25 +202,22 @@ def plan_run(
     roles = roles_for(method.resolve_setting(cfg.setting), method.uses_reference)
     files = resolve_set_files(data, roles)
     sets = {name: read_mc_jsonl(path, allow_empty=True) for name, path in files.items()}
-    if roles.reference is not None and not sets[roles.reference]:
-        raise ConfigError(
-            f"the reference set {roles.reference} ({files[roles.reference]}) is empty: {method.name} needs "
-            "mastered questions for its reference gradient (the model answered none of them correctly)"
-        )
-    for name in roles.train:
-        if not sets[name]:
-            raise ConfigError(f"the training set {name} ({files[name]}) is empty: nothing to inject")
+    _check_sets_not_empty(method, roles, sets, {k: str(v) for k, v in files.items()})
 
+    from .models import resolve_device, resolve_dtype
+
+    resolve_dtype(model_cfg.dtype)  # a bad dtype or an absent device fails here, before anything is written
+    resolve_device(model_cfg.device)
     rundir = RunDir(out_dir)
     if rundir.root.exists() and not rundir.root.is_dir():
         raise ConfigError(f"{rundir.root} exists and is not a directory; choose another --out")
     resolved = {
         "train": to_dict(cfg),
-        "data": {k: (str(v) if v is not None else None) for k, v in to_dict(data).items()},
+        "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in to_dict(data).items()},
         "model": to_dict(model_cfg),
     }
     set_info = {name: RunDir.describe_set(path, len(sets[name])) for name, path in files.items()}
-    plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume)
+    plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume, data.skip_long_prompts)
     if rundir.exists():
         previous = rundir.read_info()
         if not resume:
@@ -223,6 +235,17 @@ def plan_run(
                 "are removed when a run finishes, unless --keep-checkpoint); start a new run in another --out"
             )
     return plan
+
+
+def _check_sets_not_empty(method: Method, roles: SetRoles, sets: dict[str, list[MCRow]], files: dict[str, str]) -> None:
+    if roles.reference is not None and not sets[roles.reference]:
+        raise ConfigError(
+            f"the reference set {roles.reference} ({files[roles.reference]}) is empty: {method.name} needs "
+            "mastered questions for its reference gradient (the model answered none of them correctly)"
+        )
+    for name in roles.train:
+        if not sets[name]:
+            raise ConfigError(f"the training set {name} ({files[name]}) is empty: nothing to inject")
 
 
 def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_info: dict[str, Any]) -> None:
@@ -330,24 +353,37 @@ def load(
         )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    sources = {name: info["file"] for name, info in plan.set_info.items()}
+    fitted: list[EncodedSets] = []
+
+    def encode(tok: Any, context: int | None) -> None:
+        """Every question encoded once, lengths checked against the context, before the weights load."""
+        fitted.append(
+            encode_sets(PromptEncoder(tok), sets, sources=sources, max_length=context, skip_long=plan.skip_long)
+        )
+
     if model is None:
         from .models import load_from_config
 
-        def check(tok: Any) -> None:  # no chat template / ambiguous letters: fail before the weights load
-            PromptEncoder(tok).check([r for rows in sets.values() for r in rows])
-
-        model, tokenizer, source = load_from_config(model_cfg, check_tokenizer=check)
+        model, tokenizer, source = load_from_config(model_cfg, check_tokenizer=encode)
         model_tag = source.tag
         model_source = None if source.kind == "embedded" else source.path_or_id
     else:
+        from .models import context_length
+
+        encode(tokenizer, context_length(getattr(model, "config", None), tokenizer))
         model_source = model_cfg.model
     if model_source is not None and Path(model_source).exists():
         model_source = str(Path(model_source).resolve())  # analyses find the base model from anywhere
     assert tokenizer is not None
+    encoded, sets = fitted[0].encoded, fitted[0].rows
+    if fitted[0].n_skipped:
+        plan.sets = sets
+        counts = ", ".join(f"{len(v)} of {k}" for k, v in fitted[0].skipped.items() if v)
+        say(f"skipped {fitted[0].n_skipped} question(s) longer than the model's context ({counts})")
+        _check_sets_not_empty(plan.method, roles, sets, sources)
     model = plan.method.prepare_model(model, cfg)
-
     encoder = PromptEncoder(tokenizer)
-    encoded = {name: encoder.encode_all(rows) for name, rows in sets.items()}
     pool_rows = [r for name in roles.train for r in sets[name]]
     pool_enc = [e for name in roles.train for e in encoded[name]]
     order = plan.method.training_order(len(pool_enc), cfg)
@@ -384,6 +420,7 @@ def load(
         "learn_total": len(sets[roles.learn]),
         "forget_total": len(sets[roles.forget]),
         "trainable_parameters": updater.n_elements,
+        "skipped_long_prompts": {k: v for k, v in fitted[0].skipped.items() if v},
         "columns": columns,
         "config": plan.resolved,
         "status": "running",
@@ -604,7 +641,7 @@ def record(
 # ================================================================================== 4. the end
 def _fail(run: Run, e: BaseException) -> None:
     """Record how the run stopped in run.json (finished epochs and their checkpoint stay), then re-raise."""
-    status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+    status = "interrupted" if isinstance(e, KeyboardInterrupt | Terminated) else "failed"
     if isinstance(e, torch.OutOfMemoryError):
         e = TrainingError(
             f"out of memory in epoch {run.info['epochs_done'] + 1}: lower --ref-batch-size or "
