@@ -587,7 +587,7 @@ def test_extending_a_finished_run_without_checkpoint_is_refused(tmp_path, sets, 
     capsys.readouterr()
     assert main([*common, "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "no checkpoint is left" in err and "--keep-checkpoint" in err and "Traceback" not in err
+    assert "kept no checkpoint" in err and "--keep-checkpoint" in err and "Traceback" not in err
     assert (tmp_path / "ext" / "summary.csv").read_text() == before  # finished results untouched
 
 

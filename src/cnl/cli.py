@@ -9,6 +9,8 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import signal
 import sys
 import time
@@ -389,9 +391,13 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
+    from .io import locked_output
     from .report import write_report
 
-    report = write_report(args.runs, args.out)
+    if args.out.exists() and not args.out.is_dir():
+        raise CnlError(f"--out {args.out} exists and is not a directory; choose another --out")
+    with locked_output(args.out, "cnl report"):
+        report = write_report(args.runs, args.out)
     _print_report(report)
     print(f"\nwritten to {args.out}/ (report.md, report.json, curves.png)")
     return 0
@@ -442,7 +448,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         train={k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
         model=values_from_namespace(args, ModelConfig),
     )
-    report = run_compare(plan, _load_model)
+    from .io import locked_output
+
+    with locked_output(plan.out, "cnl compare"):
+        report = run_compare(plan, _load_model)
     _print_side_by_side(list(plan.run_dirs.values()))
     print()
     _print_report(report)
@@ -521,11 +530,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnl`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_data_warnings()
     previous = _terminate_like_interrupt()
     try:
         return int(args.handler(args) or 0)
     except CnlError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; files already written are complete and kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: files already written are complete and kept", file=sys.stderr)
@@ -536,6 +552,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _WarningHandler(logging.Handler):
+    """Prints the data checks' warnings (e.g. duplicate questions) as ``warning: ...`` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_data_warnings() -> None:
+    logger = logging.getLogger("cnl.data")
+    if not any(isinstance(h, _WarningHandler) for h in logger.handlers):
+        logger.addHandler(_WarningHandler(logging.WARNING))
+
+
+#: Errors of the output's file system (full disk, quota, read-only, permissions): a message, not a traceback.
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _terminate_like_interrupt() -> Any:

@@ -273,7 +273,8 @@ class TrainConfig:
     """Save the final weights (LoRA: the adapter) in Hugging Face format into RUN_DIR/model."""
     checkpoint: bool = True
     """Write a checkpoint (trainable weights, optimizer state, RNG) after every epoch so that --resume
-    can continue a killed run; off saves disk for large models (a killed run then starts over)."""
+    can continue a killed run; off saves disk for large models (--resume then starts a killed run over
+    from epoch 1)."""
     keep_checkpoint: bool = False
     """Keep the last epoch's checkpoint after a successful run (it is deleted otherwise)."""
 

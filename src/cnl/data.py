@@ -13,15 +13,19 @@ Validation reads the whole file before anything expensive happens, and a problem
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import CnlError
+
+log = logging.getLogger("cnl.data")
 
 __all__ = [
     "DataError",
@@ -35,6 +39,8 @@ __all__ = [
     "HALVES_GROUP_KEY",
     "rows_from_dicts",
     "resolve_dataset",
+    "check_regular_file",
+    "duplicate_lines",
 ]
 
 #: Seed of the published halving (SPEC §3): ``random.Random(42).shuffle``, first ceil(n/2) rows = part 1.
@@ -136,10 +142,7 @@ def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]
     write an empty mastered or injection set).
     """
     p = Path(path)
-    if not p.exists():
-        raise DataError("file not found", p)
-    if p.is_dir():
-        raise DataError("is a directory, expected a JSONL file", p)
+    check_regular_file(p)
     data = p.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -158,7 +161,39 @@ def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]
         rows.append(validate_row(obj, path=p, line=lineno))
     if not rows and not allow_empty:
         raise DataError("no rows: the file is empty", p)
+    dups = duplicate_lines(rows)
+    if dups:
+        shown = ", ".join(f"line {a} repeats line {b}" for a, b in dups[:3])
+        log.warning("%s: %d duplicate question(s) (%s%s)", p, len(dups), shown, ", ..." if len(dups) > 3 else "")
     return rows
+
+
+def check_regular_file(path: Path) -> None:
+    """A clear :class:`DataError` unless ``path`` is an existing regular file (not a directory or FIFO)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except OSError as e:
+        raise DataError(f"cannot read ({e.strerror})", path) from None
+    if stat.S_ISDIR(mode):
+        raise DataError("is a directory, expected a JSONL file", path)
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise DataError(f"is {kind}, expected a JSONL file", path)
+
+
+def duplicate_lines(rows: Sequence[MCRow]) -> list[tuple[int, int]]:
+    """``(line, first line)`` of every question whose text and label repeat an earlier row of the file."""
+    first: dict[tuple[str, str], int] = {}
+    dups = []
+    for r in rows:
+        key = (r.question, r.label)
+        if key in first:
+            dups.append((r.line, first[key]))
+        else:
+            first[key] = r.line
+    return dups
 
 
 def rows_from_dicts(objs: Sequence[dict[str, Any]], source: str = "<memory>") -> list[MCRow]:

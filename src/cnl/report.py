@@ -198,6 +198,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     runs = [load_run_record(d) for d in run_dirs]
     report = build_report(runs)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CnlError(f"--out {out} exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     fig = plot_curves(runs, out / "curves.png")
     import matplotlib.pyplot as plt

@@ -155,6 +155,13 @@ class RunDir:
         if learn is None or forget is None:
             raise RunDirError(f"{self.run_json}: damaged, no learn/forget column names in 'roles'")
         rows = self.read_summary()
+        done = info.get("epochs_done")
+        if isinstance(done, int) and len(rows) < done:
+            raise RunDirError(
+                f"{self.summary}: damaged, {len(rows)} row(s) but run.json says {done} epoch(s) finished (the file "
+                "was cut short); the predictions/ files still hold every finished epoch, and --resume with "
+                "--keep-checkpoint recomputes from the last checkpoint"
+            )
         return RunSeries([r["epoch"] for r in rows], [r[learn] for r in rows], [r[forget] for r in rows])
 
     # ------------------------------------------------------------------ predictions

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
-from .data import DataError
+from .data import DataError, check_regular_file
 from .errors import ConfigError
 from .split import read_split_manifest
 
@@ -124,7 +124,9 @@ def resolve_set_files(data: DataConfig, roles: SetRoles) -> dict[str, Path]:
             f"setting '{roles.setting}' needs the {', '.join(missing)} set(s), which {origin} does not give: "
             f"pass {flags}, or use --split DIR from 'cnl split' (it writes every half)"
         )
-    absent = [f"{n} ({paths[n]})" for n in roles.needed() if not paths[n].is_file()]
+    absent = [f"{n} ({paths[n]})" for n in roles.needed() if not paths[n].exists()]
     if absent:
         raise DataError(f"set file(s) not found: {', '.join(absent)}")
+    for n in roles.needed():
+        check_regular_file(paths[n])  # a directory or a FIFO is named as such
     return {n: paths[n] for n in roles.needed()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import random
@@ -190,6 +191,8 @@ class RunPlan:
     resume: bool
     #: Leave out questions longer than the model's context (else they are an error).
     skip_long: bool = False
+    #: Why a resumed run starts over from epoch 1 (None: it does not).
+    restart_note: str | None = None
     #: The summary of a finished run that needs no more epochs (None: there is work to do).
     finished_rows: list[dict[str, Any]] | None = None
 
@@ -230,9 +233,15 @@ def plan_run(
         if previous.get("status") == "finished" and done >= cfg.epochs:
             plan.finished_rows = rundir.read_summary()
         elif done and not rundir.has_checkpoint():
-            raise ConfigError(
-                f"{rundir.root}: {done} epoch(s) finished but no checkpoint is left to continue from (checkpoints "
-                "are removed when a run finishes, unless --keep-checkpoint); start a new run in another --out"
+            if previous.get("status") == "finished":
+                raise ConfigError(
+                    f"{rundir.root}: the run finished {done} epoch(s) and kept no checkpoint to continue from "
+                    "(checkpoints are removed when a run finishes, unless --keep-checkpoint); start a new run with "
+                    "more --epochs in another --out"
+                )
+            plan.restart_note = (
+                f"{done} epoch(s) had finished, but there is no checkpoint to continue from (--no-checkpoint, or "
+                "the disk filled up before the first one was written): starting over from epoch 1"
             )
     return plan
 
@@ -399,7 +408,9 @@ def load(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     updater = ParameterUpdater(trainable, rule, cfg.lr)
     rows: list[dict[str, Any]] = []
-    if plan.resume:
+    if plan.restart_note:
+        say(plan.restart_note)
+    elif plan.resume:
         rows = _restore(plan.rundir, model, updater)
         if rows:
             say(f"resuming after epoch {len(rows)}")
@@ -606,10 +617,13 @@ def record(
     seconds: dict[str, float],
     epoch_seconds: float,
 ) -> dict[str, Any]:
-    """Write the epoch's predictions, summary row, checkpoint and run.json (in that order); return the row."""
+    """Write the epoch's predictions, summary row and run.json, then its checkpoint; return the row.
+
+    Results come first: when the disk fills up while the (much larger) checkpoint is written, the
+    epoch's results are kept and the previous checkpoint stays valid, so ``--resume`` recomputes only
+    this epoch.
+    """
     roles, rundir, sets = run.roles, run.rundir, run.plan.sets
-    for name, p in preds.items():
-        rundir.write_predictions(epoch, name, sets[name], p.letters)
     learned = preds[roles.learn].n_correct
     forgotten = len(sets[roles.forget]) - preds[roles.forget].n_correct
     row = {
@@ -621,14 +635,19 @@ def record(
         **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()},
         "epoch_seconds": round(epoch_seconds, 3),
     }
+    with _disk_full_message(f"the results of epoch {epoch}", "earlier epochs' results and checkpoint are kept"):
+        for name, p in preds.items():
+            rundir.write_predictions(epoch, name, sets[name], p.letters)
+        rundir.write_summary(run.info["columns"], [*run.rows, row])
     run.rows.append(row)
+    run.info["epochs_done"] = epoch
+    rundir.write_info(run.info)
     if run.cfg.checkpoint:
         weights = {n: p for n, p in run.updater.params}
         state = {"epoch": epoch, "summary": run.rows, "rule": run.updater.rule.state_dict(), "rng": _rng_state()}
-        rundir.save_checkpoint(epoch, weights, state)
-    rundir.write_summary(run.info["columns"], run.rows)
-    run.info["epochs_done"] = epoch
-    rundir.write_info(run.info)
+        kept = f"epoch {epoch}'s results (summary.csv, predictions) are kept and the previous checkpoint is valid"
+        with _disk_full_message(f"the checkpoint of epoch {epoch}", kept, checkpoint=True):
+            rundir.save_checkpoint(epoch, weights, state)
     run.say(
         f"epoch {epoch:>3}/{run.cfg.epochs}  loss {row['train_avg_loss']:.4f}  "
         f"learned {learned}/{len(sets[roles.learn])}  forgotten {forgotten}/{len(sets[roles.forget])}  "
@@ -636,6 +655,22 @@ def record(
         f"eval {seconds['eval']:.1f}s"
     )
     return row
+
+
+@contextlib.contextmanager
+def _disk_full_message(what: str, kept: str, checkpoint: bool = False) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing ``what`` into a TrainingError that says what is kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        hint = (
+            "; free some space and --resume, or train without checkpoints (--no-checkpoint)"
+            if checkpoint
+            else "; free some space and --resume"
+        )
+        raise TrainingError(f"the disk is full while writing {what}: {kept}{hint}") from None
 
 
 # ================================================================================== 4. the end
