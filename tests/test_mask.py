@@ -150,9 +150,10 @@ def test_nbytes(numel: int):
     r = torch.randn(numel)
     bits = SignReference.from_tensors([("x", r)], storage="bits")
     int8 = SignReference.from_tensors([("x", r)], storage="int8")
-    # 2-bit codes, four per byte: ceil(n / 4) bytes, 0.25 byte per element plus at most 1 byte of padding
-    assert bits.nbytes() == math.ceil(numel / 4)
-    assert bits.nbytes() <= 0.25 * numel + 1
+    # 2-bit codes, four per byte, in whole blocks of 256 elements (64 bytes): 0.25 byte per element
+    # plus at most 63 bytes of padding per tensor
+    assert bits.nbytes() == 64 * math.ceil(numel / 256)
+    assert bits.nbytes() <= 0.25 * numel + 63
     assert int8.nbytes() == numel
 
 

@@ -263,6 +263,10 @@ class TrainConfig:
     ref_chunks: int = 1
     """Compute the reference over this many parameter groups, one extra forward pass each, so the
     fp32 gradient buffer covers only one group (lower peak memory, more time)."""
+    fused_update: bool = True
+    """Apply each update with a fused kernel (cnl.kernels: C on the CPU, Triton on CUDA) where one
+    applies: one pass over weights, gradient, optimizer state and signs, bit-identical to the eager
+    torch rules; off: always the eager rules (the reference implementation)."""
     update_in_backward: bool = True
     """Apply each parameter's update in the backward pass as soon as its gradient is ready (no full
     gradient copy kept); off: backward first, then update (same numbers, more memory)."""

@@ -37,23 +37,19 @@ __all__ = ["SIGN_STORAGES", "cnl_conflict", "cnl_masked", "SignReference", "Mask
 #: How a :class:`SignReference` stores signs: 2-bit codes (0.25 byte per element) or one int8 each.
 SIGN_STORAGES = ("bits", "int8")
 
-#: Elements handled per slice when masking: temporaries stay small (cache-friendly, and the peak
-#: memory of a masked update does not grow with the size of the largest parameter).
+#: Elements handled per slice when masking on the CPU: temporaries stay small (cache-friendly, and
+#: the peak memory of a masked update does not grow with the size of the largest parameter). A
+#: multiple of :data:`BLOCK`. On a GPU a whole tensor is one slice (a fixed number of launches).
 CHUNK = 1 << 20
 
-# 2-bit codes, four elements per byte: 0 -> 0, 1 -> +1, 2 -> -1.
-_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
-
-
-def _build_lut() -> torch.Tensor:
-    codes = (torch.arange(256, dtype=torch.int32)[:, None] >> _SHIFTS.to(torch.int32)) & 3
-    lut = torch.zeros(256, 4, dtype=torch.int8)
-    lut[codes == 1] = 1
-    lut[codes == 2] = -1
-    return lut
-
-
-_LUT = _build_lut()
+#: The ``bits`` storage packs 2-bit codes (0 -> 0, 1 -> +1, 2 -> -1) in blocks of BLOCK elements held
+#: by BLOCK // 4 bytes: byte j of a block carries elements j, 64 + j, 128 + j and 192 + j in its bit
+#: pairs 0-1, 2-3, 4-5 and 6-7, so that a fused kernel decodes 64 consecutive elements with one
+#: vector shift (:mod:`cnl.kernels`).
+BLOCK = 256
+_BYTES = BLOCK // 4
+_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 4, 1)
+_CODE_TO_SIGN = torch.tensor([0, 1, -1, 0], dtype=torch.int8)
 _DEVICE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -61,8 +57,12 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding table and the shifts on ``device``, copied there once (no host sync per call)."""
     tables = _DEVICE_TABLES.get(device)
     if tables is None:
-        tables = _DEVICE_TABLES[device] = (_LUT.to(device), _SHIFTS.to(device))
+        tables = _DEVICE_TABLES[device] = (_CODE_TO_SIGN.to(device), _SHIFTS.to(device))
     return tables
+
+
+def _chunk(t: torch.Tensor) -> int:
+    return max(t.numel(), 1) if t.device.type != "cpu" else CHUNK
 
 
 def cnl_conflict(direction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -80,25 +80,29 @@ def cnl_masked(direction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 
 
 def _pack_signs(reference: torch.Tensor) -> torch.Tensor:
-    """Signs of ``reference`` as 2-bit codes, four per byte (flattened, zero-padded)."""
+    """Signs of ``reference`` as blocked 2-bit codes (see :data:`BLOCK`), zero-padded to whole blocks."""
     flat = reference.detach().reshape(-1)
-    out = torch.empty((flat.numel() + 3) // 4, dtype=torch.uint8, device=flat.device)
+    n_blocks = -(-flat.numel() // BLOCK)
+    out = torch.empty(n_blocks * _BYTES, dtype=torch.uint8, device=flat.device)
     shifts = _tables(flat.device)[1]
-    for a in range(0, flat.numel(), CHUNK):
-        part = flat[a : a + CHUNK]
+    step = _chunk(flat)
+    for a in range(0, flat.numel(), step):
+        part = flat[a : a + step]
         codes = (part > 0).to(torch.uint8) | ((part < 0).to(torch.uint8) << 1)
-        pad = (-codes.numel()) % 4
+        pad = (-codes.numel()) % BLOCK
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad)])
-        out[a // 4 : a // 4 + codes.numel() // 4] = (codes.view(-1, 4) << shifts).sum(dim=1, dtype=torch.uint8)
+        packed = (codes.view(-1, 4, _BYTES) << shifts).sum(dim=1, dtype=torch.uint8)
+        out[a // 4 : a // 4 + packed.numel()] = packed.view(-1)
     return out
 
 
 def _unpack_signs(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """int8 signs of elements ``start:stop`` (``start`` a multiple of 4) from :func:`_pack_signs`."""
-    lut = _tables(packed.device)[0]
-    rows = packed[start // 4 : (stop + 3) // 4].to(torch.int32)
-    return torch.index_select(lut, 0, rows).view(-1)[: stop - start]
+    """int8 signs of elements ``start:stop`` (``start`` a multiple of BLOCK) from :func:`_pack_signs`."""
+    lut, shifts = _tables(packed.device)
+    rows = packed[start // 4 : -(-stop // BLOCK) * _BYTES].view(-1, 1, _BYTES)
+    codes = ((rows >> shifts) & 3).view(-1)[: stop - start]
+    return lut[codes.long()]
 
 
 class SignReference:
@@ -165,8 +169,9 @@ class SignReference:
         """True where ``direction · reference < 0``, exactly as :func:`cnl_conflict`."""
         flat = direction.detach().reshape(-1)
         out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-        for a in range(0, flat.numel(), CHUNK):
-            b = min(a + CHUNK, flat.numel())
+        step = _chunk(flat)
+        for a in range(0, flat.numel(), step):
+            b = min(a + step, flat.numel())
             s = self._slice(key, a, b)
             out[a:b] = cnl_conflict(flat[a:b], s)
         return out.view(direction.shape)
@@ -181,14 +186,20 @@ class SignReference:
             raise ValueError("mask_ needs a contiguous tensor (it zeroes elements in place)")
         flat = direction.view(-1)
         count = torch.zeros((), dtype=torch.int64, device=flat.device)
-        for a in range(0, flat.numel(), CHUNK):
-            b = min(a + CHUNK, flat.numel())
+        step = _chunk(flat)
+        for a in range(0, flat.numel(), step):
+            b = min(a + step, flat.numel())
             part = flat[a:b]
             # d·s < 0 with s in {-1, 0, 1} is exact in floating point (a sign flip or a zero)
             conflict = (part * self._slice(key, a, b)) < 0
             part.masked_fill_(conflict, 0)
             count += conflict.sum()
         return count
+
+    def raw(self, key: Any) -> tuple[torch.Tensor, str]:
+        """The stored data of ``key`` (blocked 2-bit codes or int8 signs, flat) and the storage name,
+        for the fused kernels of :mod:`cnl.kernels`."""
+        return self._signs[key][0], self.storage
 
     def nbytes(self) -> int:
         """Bytes held by the stored signs."""

@@ -132,6 +132,9 @@ class RunDir:
         """The finished epochs' rows, by column name, with counts as int and the rest as float."""
         if not self.summary.exists():
             return []
+        data = self.summary.read_bytes()
+        if data and not data.endswith(b"\n"):  # every row is written with its newline: cut inside the last row
+            raise RunDirError(f"{self.summary}: damaged, its last row is cut short (no final newline)")
         out = []
         try:
             with open(self.summary, encoding="utf-8", newline="") as f:
@@ -250,7 +253,7 @@ class RunDir:
         pointer = self.checkpoints / "latest.json"
         if not pointer.exists():
             return None
-        hint = "delete the checkpoint/ folder and start the run again in a new --out"
+        hint = "delete the checkpoint/ folder and --resume again (the run then starts over from epoch 1)"
         try:
             folder = self.checkpoints / str(json.loads(pointer.read_text(encoding="utf-8"))["folder"])
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):

@@ -84,6 +84,7 @@ RESUMABLE_CHANGES = (
     "ref_chunks",
     "sign_storage",
     "update_in_backward",
+    "fused_update",
 )
 
 
@@ -406,7 +407,7 @@ def load(
         adamw_weight_decay=cfg.adamw_weight_decay,
     )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    updater = ParameterUpdater(trainable, rule, cfg.lr)
+    updater = ParameterUpdater(trainable, rule, cfg.lr, fused=cfg.fused_update)
     rows: list[dict[str, Any]] = []
     if plan.restart_note:
         say(plan.restart_note)

@@ -1,0 +1,200 @@
+/* Fused CNL update rules for the CPU: one pass over a float32 parameter.
+ *
+ * Each function reads the gradient, the optimizer state and the stored reference sign, updates the
+ * state (always from the unmasked gradient), and moves an element of the parameter only where the
+ * update u agrees in sign with the reference (SPEC §4: frozen where u * g_M < 0). It returns how
+ * many elements were frozen. The arithmetic repeats, operation by operation and rounding by
+ * rounding, what the eager torch rules of cnl.optim compute (those are the reference
+ * implementation): PyTorch's CPU kernels fuse `a + alpha * b` (sub_/add_ with alpha, addcmul_)
+ * into one fma, so exactly those places use fmaf here, and the file is compiled with
+ * -ffp-contract=off so that the compiler fuses nothing else.
+ *
+ * Reference signs come in three storages: none (plain update, no mask), int8 (-1, 0, +1 per
+ * element) or bits: 2-bit codes (1 = positive, 2 = negative, 0 = zero) in blocks of 256 elements
+ * held by 64 bytes, byte j of a block carrying elements j, 64 + j, 128 + j and 192 + j in its bit
+ * pairs 0-1, 2-3, 4-5 and 6-7. That layout lets the compiler decode 64 consecutive elements with
+ * one vector shift, so the masked update runs at the speed of memory.
+ *
+ * Work is split by the caller into ranges [start, stop) of elements (multiples of 256 except for
+ * the last stop); csr, when not 0, is the caller thread's SSE control word, set for the duration so
+ * that a worker thread flushes denormals exactly when the caller does.
+ */
+#include <math.h>
+#include <stdint.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#define BLOCK_BYTES 64
+#define BLOCK 256
+
+enum { NONE = 0, BITS = 1, INT8 = 2 };
+
+static inline uint32_t enter(uint32_t csr) {
+#if defined(__SSE__)
+    uint32_t old = _mm_getcsr();
+    if (csr) _mm_setcsr(csr);
+    return old;
+#else
+    (void)csr;
+    return 0;
+#endif
+}
+
+static inline void leave(uint32_t csr, uint32_t old) {
+#if defined(__SSE__)
+    if (csr) _mm_setcsr(old);
+#else
+    (void)csr;
+    (void)old;
+#endif
+}
+
+uint32_t cnl_get_csr(void) {
+#if defined(__SSE__)
+    return _mm_getcsr();
+#else
+    return 0;
+#endif
+}
+
+/* sign code of element i: 1 positive, 2 negative, 0 zero (any storage) */
+static inline int code_at(const void* signs, int storage, int64_t i) {
+    if (storage == BITS) {
+        const uint8_t* c = (const uint8_t*)signs;
+        int64_t b = i / BLOCK, r = i % BLOCK;
+        return (c[b * BLOCK_BYTES + r % BLOCK_BYTES] >> (2 * (r / BLOCK_BYTES))) & 3;
+    }
+    if (storage == INT8) {
+        int8_t s = ((const int8_t*)signs)[i];
+        return (s > 0) | ((s < 0) << 1);
+    }
+    return 0;
+}
+
+/* BODY(i, code) computes u for element i (updating the state), then freezes or moves theta[i] */
+#define FREEZE(u, code) ((((code) == 2) & ((u) > 0.0f)) | (((code) == 1) & ((u) < 0.0f)))
+
+#define LOOPS(BODY)                                                                              \
+    int64_t frozen = 0;                                                                          \
+    int64_t i = start;                                                                           \
+    if (storage == BITS) {                                                                       \
+        const uint8_t* codes = (const uint8_t*)signs;                                            \
+        for (; i + BLOCK <= stop; i += BLOCK) {                                                  \
+            const uint8_t* cb = codes + (i / BLOCK) * BLOCK_BYTES;                               \
+            for (int k = 0; k < 4; k++) {                                                        \
+                int32_t count = 0;                                                               \
+                for (int j = 0; j < BLOCK_BYTES; j++) {                                          \
+                    const int64_t e = i + k * BLOCK_BYTES + j;                                   \
+                    const int code = (cb[j] >> (2 * k)) & 3;                                     \
+                    BODY(e, code)                                                                \
+                }                                                                                \
+                frozen += count;                                                                 \
+            }                                                                                    \
+        }                                                                                        \
+    } else if (storage == INT8) {                                                                \
+        const int8_t* s8 = (const int8_t*)signs;                                                 \
+        int32_t count = 0;                                                                       \
+        for (; i < stop; i++) {                                                                  \
+            const int code = (s8[i] > 0) | ((s8[i] < 0) << 1);                                   \
+            BODY(i, code)                                                                        \
+        }                                                                                        \
+        frozen += count;                                                                         \
+    } else {                                                                                     \
+        int32_t count = 0;                                                                       \
+        for (; i < stop; i++) {                                                                  \
+            const int code = 0;                                                                  \
+            BODY(i, code)                                                                        \
+        }                                                                                        \
+        frozen += count;                                                                         \
+    }                                                                                            \
+    {                                                                                            \
+        int32_t count = 0;                                                                       \
+        for (; i < stop; i++) {                                                                  \
+            const int code = code_at(signs, storage, i);                                         \
+            BODY(i, code)                                                                        \
+        }                                                                                        \
+        frozen += count;                                                                         \
+    }                                                                                            \
+    return frozen;
+
+/* the masked step theta <- theta - lr * u, as torch's sub_(u, alpha=lr) on the masked u: one fma,
+ * with u = +0 where frozen (so a frozen element goes through the same arithmetic as in the eager
+ * rule: unchanged, except that a denormal is flushed when the caller flushes denormals) */
+#define STEP(e, u, code)                                    \
+    {                                                       \
+        const int f = FREEZE(u, code);                      \
+        count += f;                                         \
+        const float masked = f ? 0.0f : (u);                \
+        theta[e] = fmaf(masked, neg_lr, theta[e]);          \
+    }
+
+static int64_t sgd_range(float* restrict theta, const float* restrict grad, const void* restrict signs, int storage,
+                         int64_t start, int64_t stop, float neg_lr) {
+#define SGD_BODY(e, code)         \
+    {                             \
+        const float u = grad[e];  \
+        STEP(e, u, code)          \
+    }
+    LOOPS(SGD_BODY)
+}
+
+int64_t cnl_sgd(float* theta, const float* grad, const void* signs, int storage, int64_t start, int64_t stop,
+                float neg_lr, uint32_t csr) {
+    uint32_t old = enter(csr);
+    int64_t n = sgd_range(theta, grad, signs, storage, start, stop, neg_lr);
+    leave(csr, old);
+    return n;
+}
+
+/* heavy-ball momentum: v <- mu v + g (v <- g on the first step), u = v */
+static int64_t momentum_range(float* restrict theta, const float* restrict grad, float* restrict v,
+                              const void* restrict signs, int storage, int64_t start, int64_t stop, float neg_lr,
+                              float mu, int first) {
+#define MOMENTUM_BODY(e, code)                                   \
+    {                                                            \
+        const float g = grad[e];                                 \
+        const float u = first ? g : v[e] * mu + g;               \
+        v[e] = u;                                                \
+        STEP(e, u, code)                                         \
+    }
+    LOOPS(MOMENTUM_BODY)
+}
+
+int64_t cnl_momentum(float* theta, const float* grad, float* v, const void* signs, int storage, int64_t start,
+                     int64_t stop, float neg_lr, float mu, int first, uint32_t csr) {
+    uint32_t old = enter(csr);
+    int64_t n = momentum_range(theta, grad, v, signs, storage, start, stop, neg_lr, mu, first);
+    leave(csr, old);
+    return n;
+}
+
+/* Adam / AdamW: bias-corrected moments from the unmasked g; u = m^ / (sqrt(v^) + eps) [+ wd theta] */
+static int64_t adam_range(float* restrict theta, const float* restrict grad, float* restrict m, float* restrict v,
+                          const void* restrict signs, int storage, int64_t start, int64_t stop, float neg_lr,
+                          float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float bc1, float bc2,
+                          float eps, float wd, int decay) {
+#define ADAM_BODY(e, code)                                                    \
+    {                                                                         \
+        const float g = grad[e];                                              \
+        const float mm = fmaf(g, one_minus_beta1, m[e] * beta1);              \
+        const float vv = fmaf(one_minus_beta2 * g, g, v[e] * beta2);          \
+        m[e] = mm;                                                            \
+        v[e] = vv;                                                            \
+        const float denom = sqrtf(vv / bc2) + eps;                            \
+        const float plain = (mm / bc1) / denom;                               \
+        const float u = decay ? fmaf(theta[e], wd, plain) : plain;            \
+        STEP(e, u, code)                                                      \
+    }
+    LOOPS(ADAM_BODY)
+}
+
+int64_t cnl_adam(float* theta, const float* grad, float* m, float* v, const void* signs, int storage, int64_t start,
+                 int64_t stop, float neg_lr, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+                 float bc1, float bc2, float eps, float wd, int decay, uint32_t csr) {
+    uint32_t old = enter(csr);
+    int64_t n = adam_range(theta, grad, m, v, signs, storage, start, stop, neg_lr, beta1, one_minus_beta1, beta2,
+                           one_minus_beta2, bc1, bc2, eps, wd, decay);
+    leave(csr, old);
+    return n;
+}
