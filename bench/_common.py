@@ -1,9 +1,18 @@
-"""Shared pieces of the benchmarks: a straightforward CNL/SGD epoch and cnl's own, phase by phase.
+"""Shared pieces of the benchmarks: the reference implementation's loop, re-implemented, and cnl's own.
 
-The straightforward implementation is written here on purpose, independently of cnl's engine, as
-the baseline the engine is measured against: the reference gradient is accumulated one sample at a
-time into an fp32 copy that stays alive, the mask is applied after the full backward, and questions
-are scored one at a time. Both variants implement the same SPEC §4 rule.
+The baseline is the published implementation's training loop (its ``sft`` / ``sft_adamw`` scripts),
+re-implemented here operation by operation so that it can be timed beside cnl in one process tree:
+
+- every question is turned into a prompt with the chat template and tokenized at each use;
+- one question per forward pass, with the logits of every position (no ``logits_to_keep``);
+- the reference gradient: one backward per mastered question in train mode, accumulated in ``.grad``,
+  divided by n and cloned into a full fp32 copy that stays alive through the epoch;
+- each training step: ``zero_grad``, backward, then per parameter the product mask
+  ``g.mul_((g * g_ref).ge(0))`` and ``p.add_(g, alpha=-lr)`` (AdamW: moments, ``u = m̂/(√v̂+ε) + λθ``,
+  ``p.add_(u * mask, alpha=-lr)``);
+- evaluation one question at a time.
+
+cnl's side calls the training loop's own phase functions (:mod:`cnl.train`), so it cannot drift.
 """
 
 from __future__ import annotations
@@ -17,11 +26,37 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnl.optim import ParameterUpdater, SGDRule
+from cnl.optim import ParameterUpdater, make_rule
 from cnl.scoring import Encoded, batch_losses
 from cnl.train import evaluate, sign_reference, train_epoch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+#: Model shapes for benchmarks that need no weights (random initialisation from the config).
+SHAPES = {
+    "tiny": dict(
+        model_type="llama", vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+    ),
+}  # fmt: skip
+
+
+def config_for(shape: str):
+    """A transformers config of one of :data:`SHAPES`."""
+    from transformers import AutoConfig
+
+    values = dict(SHAPES[shape])
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
 
 # Both variants run with denormals flushed (cnl's --flush-denormal), so neither gains from it.
 torch.set_flush_denormal(True)
@@ -79,57 +114,93 @@ def timed(meter: Any, fn: Callable[[], Any]) -> tuple[Any, float, int]:
     return out, seconds, meter.stop()
 
 
-# ---------------------------------------------------------------------------------- straightforward
-def _single_logits(model: torch.nn.Module, e: Encoded) -> torch.Tensor:
-    device = next(model.parameters()).device
-    ids = torch.tensor([e.input_ids], device=device)
-    return model(input_ids=ids).logits[0, -1]
+# ---------------------------------------------------------------------------------- the reference's loop
+def _ref_inputs(model: torch.nn.Module, tok: Any, question: str) -> dict[str, torch.Tensor]:
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
 
 
-def naive_reference(model: torch.nn.Module, ref_set: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-    """Mean gradient, one backward per sample, kept in full fp32 precision."""
-    ref = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
-    model.eval()
-    for e in ref_set:
-        model.zero_grad(set_to_none=True)
-        logits = _single_logits(model, e)
-        loss = F.cross_entropy(logits.float()[None], torch.tensor([e.target], device=logits.device))
-        loss.backward()
-        for n, p in model.named_parameters():
-            ref[n].add_(p.grad, alpha=1 / len(ref_set))
-    model.zero_grad(set_to_none=True)
-    return ref
+def _ref_label(model: torch.nn.Module, tok: Any, label: str) -> torch.Tensor:
+    return (
+        tok(label, add_special_tokens=False, return_tensors="pt").input_ids[0, -1].to(next(model.parameters()).device)
+    )
 
 
-def naive_train(model: torch.nn.Module, train_set: Sequence[Encoded], ref: dict[str, torch.Tensor], lr: float) -> float:
-    """One epoch: full backward, then the mask built from the gradient and the fp32 reference."""
+def _ref_loss(model: torch.nn.Module, tok: Any, row: Any) -> torch.Tensor:
+    logits = model(**_ref_inputs(model, tok, row.question)).logits[:, -1, :]
+    return F.cross_entropy(logits, _ref_label(model, tok, row.label).unsqueeze(0))
+
+
+def reference_mean_grad(model: torch.nn.Module, tok: Any, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The reference's ``mean_grad_correct``: one backward per question, then a full fp32 copy."""
     model.train()
+    model.zero_grad(set_to_none=True)
+    for r in rows:
+        _ref_loss(model, tok, r).backward()
+    grad = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            p.grad.div_(len(rows))
+            grad[name] = p.grad.detach().clone()
+    return grad
+
+
+def reference_train(
+    model: torch.nn.Module,
+    tok: Any,
+    rows: Sequence[Any],
+    lr: float,
+    gref: dict[str, torch.Tensor] | None,
+    optimizer: str = "sgd",
+    state: dict[str, Any] | None = None,
+) -> float:
+    """The reference's per-sample training loop (``use_freeze=1`` when ``gref`` is given, else plain)."""
+    model.train()
+    named = list(model.named_parameters())
+    state = {} if state is None else state
     total = 0.0
-    for e in train_set:
+    for row in rows:
         model.zero_grad(set_to_none=True)
-        logits = _single_logits(model, e)
-        loss = F.cross_entropy(logits.float()[None], torch.tensor([e.target], device=logits.device))
+        loss = _ref_loss(model, tok, row)
         loss.backward()
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                mask = (p.grad * ref[n]) >= 0
-                p.sub_(lr * p.grad * mask)
-        total += float(loss)
-    model.zero_grad(set_to_none=True)
-    return total / len(train_set)
+            for name, p in named:
+                g = p.grad
+                if g is None:
+                    continue
+                ref = gref.get(name) if gref is not None else None
+                if optimizer == "sgd":
+                    if ref is not None:
+                        g.mul_((g * ref).ge(0))
+                    p.add_(g, alpha=-lr)
+                    continue
+                st = state.setdefault(name, {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "t": 0})
+                st["t"] += 1
+                st["m"].mul_(0.9).add_(g, alpha=0.1)
+                st["v"].mul_(0.999).addcmul_(g, g, value=1 - 0.999)
+                m_hat = st["m"] / (1 - 0.9 ** st["t"])
+                v_hat = st["v"] / (1 - 0.999 ** st["t"])
+                u = m_hat / (v_hat.sqrt().add_(1e-8)) + 0.1 * p
+                p.add_(u * (u * ref).ge(0) if ref is not None else u, alpha=-lr)
+        total += float(loss.detach())
+    return total / len(rows)
 
 
 @torch.no_grad()
-def naive_eval(model: torch.nn.Module, sets: Sequence[Sequence[Encoded]]) -> list[int]:
-    """Correct answers per set, one question per forward pass."""
+def reference_eval(model: torch.nn.Module, tok: Any, sets: Sequence[Sequence[Any]]) -> list[int]:
+    """The reference's ``infer_and_dump``: one question per forward pass; correct answers per set."""
     model.eval()
+    cand = [tok(c, add_special_tokens=False).input_ids[-1] for c in "ABCD"]
     out = []
-    for s in sets:
-        n = 0
-        for e in s:
-            logits = _single_logits(model, e)
-            n += int(e.letters[int(torch.argmax(logits[list(e.candidates)]))] == e.label)
-        out.append(n)
+    for rows in sets:
+        ok = 0
+        for r in rows:
+            logits = model(**_ref_inputs(model, tok, r.question)).logits[:, -1, :][0]
+            ok += "ABCD"[int(torch.argmax(logits[cand]))] == r.label
+        out.append(ok)
+    model.train()
     return out
 
 
@@ -142,8 +213,16 @@ def cnl_reference(
     return sign_reference(model, ref_set, params, batch_size=batch_size, storage=storage, chunks=chunks, progress=False)
 
 
-def cnl_train(model: torch.nn.Module, train_set: Sequence[Encoded], ref: Any, lr: float) -> float:
-    updater = ParameterUpdater(model.named_parameters(), SGDRule(), lr, reference=ref)
+def cnl_train(
+    model: torch.nn.Module,
+    train_set: Sequence[Encoded],
+    ref: Any,
+    lr: float,
+    *,
+    fused: bool = True,
+    optimizer: str = "sgd",
+) -> float:
+    updater = ParameterUpdater(model.named_parameters(), make_rule(optimizer), lr, reference=ref, fused=fused)
     with updater.hooked():
         loss, _ = train_epoch(model, train_set, updater, progress=False)
     return loss
@@ -180,8 +259,9 @@ def env_note() -> str:
 def run_epoch(
     variant: str,
     model: torch.nn.Module,
-    mastered: Sequence[Encoded],
-    injection: Sequence[Encoded],
+    tok: Any,
+    mastered: Sequence[Any],
+    injection: Sequence[Any],
     meter: Any,
     *,
     lr: float,
@@ -189,24 +269,29 @@ def run_epoch(
     eval_batch_size: int = 16,
     ref_chunks: int = 1,
 ) -> dict[str, Any]:
-    """One SPEC epoch (reference over M, training on I, evaluation on I and M) of ``variant``
-    (``naive`` or ``cnl``); seconds and peak extra bytes per phase, loss and counts."""
+    """One SPEC epoch (reference over M, training on I, evaluation on I and M) of ``variant``:
+    ``reference`` (the published loop re-implemented), ``cnl`` (cnl's engine, fused updates) or
+    ``cnl-eager`` (cnl's engine, eager rules); seconds and peak extra bytes per phase, loss, counts.
+    ``mastered``/``injection`` are :class:`~cnl.data.MCRow` rows."""
+    from cnl.scoring import PromptEncoder
+
     r: dict[str, Any] = {"variant": variant, "n_params": sum(p.numel() for p in model.parameters())}
-    if variant == "naive":
-        ref, r["reference_s"], r["reference_peak"] = timed(meter, lambda: naive_reference(model, mastered))
-        loss, r["train_s"], r["train_peak"] = timed(meter, lambda: naive_train(model, injection, ref, lr))
+    if variant == "reference":
+        ref, r["reference_s"], r["reference_peak"] = timed(meter, lambda: reference_mean_grad(model, tok, mastered))
+        loss, r["train_s"], r["train_peak"] = timed(meter, lambda: reference_train(model, tok, injection, lr, ref))
         del ref
-        counts, r["eval_s"], r["eval_peak"] = timed(meter, lambda: naive_eval(model, [injection, mastered]))
+        counts, r["eval_s"], r["eval_peak"] = timed(meter, lambda: reference_eval(model, tok, [injection, mastered]))
     else:
+        enc = PromptEncoder(tok)
+        m_enc, i_enc = enc.encode_all(mastered), enc.encode_all(injection)
+        fused = variant == "cnl"
         sign, r["reference_s"], r["reference_peak"] = timed(
-            meter, lambda: cnl_reference(model, mastered, ref_batch_size, chunks=ref_chunks)
+            meter, lambda: cnl_reference(model, m_enc, ref_batch_size, chunks=ref_chunks)
         )
         r["sign_bytes"] = sign.nbytes()
-        loss, r["train_s"], r["train_peak"] = timed(meter, lambda: cnl_train(model, injection, sign, lr))
+        loss, r["train_s"], r["train_peak"] = timed(meter, lambda: cnl_train(model, i_enc, sign, lr, fused=fused))
         del sign
-        counts, r["eval_s"], r["eval_peak"] = timed(
-            meter, lambda: cnl_eval(model, [injection, mastered], eval_batch_size)
-        )
+        counts, r["eval_s"], r["eval_peak"] = timed(meter, lambda: cnl_eval(model, [i_enc, m_enc], eval_batch_size))
     r["train_avg_loss"] = loss
     r["learned"], r["mastered_correct"] = counts
     return r

@@ -1,9 +1,9 @@
 """Benchmark: one full-model update, masked (CNL) against unmasked, for every optimizer and sign storage.
 
-    .venv/bin/python bench/bench_mask.py [--model M] [--repeats 5] [--device cpu|cuda]
+    .venv/bin/python bench/bench_mask.py [--shape smollm2-135m] [--repeats 5] [--device cpu|cuda]
 
-The parameters have the shapes of the embedded SmolLM2-135M-Instruct (default; ``--model`` takes any
-config cnl can load), filled with random weights, gradients and a random reference. For each
+The parameters have the shapes of the embedded SmolLM2-135M-Instruct (default; ``--shape
+qwen2.5-1.5b`` for a bigger one), filled with random weights, gradients and a random reference. For each
 optimizer (sgd, momentum, adam, adamw) it times one update of every parameter, best of
 ``--repeats``:
 
@@ -35,16 +35,12 @@ from cnl.optim import ParameterUpdater, make_rule  # noqa: E402
 LR = 1e-5
 
 
-def shapes(model: str | None) -> list[torch.Size]:
-    """Parameter shapes of the model (weights not loaded: built from its config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def shapes(shape: str) -> list[torch.Size]:
+    """Parameter shapes of a model configuration of ``_common.SHAPES`` (nothing is loaded)."""
+    from transformers import AutoModelForCausalLM
 
-    from cnl.models import ensure_converted_gguf, resolve_model_source
-
-    source = resolve_model_source(model)
-    where = ensure_converted_gguf(source.path_or_id) if source.kind in ("embedded", "gguf") else source.path_or_id
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(where))
+        m = AutoModelForCausalLM.from_config(C.config_for(shape))
     return [p.shape for p in m.parameters()]
 
 
@@ -102,7 +98,7 @@ class TorchStep:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(C.SHAPES), help="model shape")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--optimizers", default="sgd,momentum,adam,adamw")
@@ -111,9 +107,9 @@ def main() -> None:
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     )
     torch.manual_seed(0)
-    dims = shapes(args.model)
+    dims = shapes(args.shape)
     n = sum(s.numel() for s in dims)
-    print(f"{n / 1e6:.1f}M parameters in {len(dims)} tensors on {device}; {C.env_note()}")
+    print(f"{args.shape}: {n / 1e6:.1f}M parameters in {len(dims)} tensors on {device}; {C.env_note()}")
     print(f"fused implementation: {kernels.describe(device)}\n")
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in dims]
     grads = [torch.randn(s, device=device) * 1e-3 for s in dims]

@@ -1,13 +1,14 @@
-"""GPU benchmark: one CNL/SGD epoch of cnl's engine against a straightforward implementation, on a
+"""GPU benchmark: one CNL/SGD epoch of cnl's engine against the reference implementation's loop, on a
 randomly initialised model of Qwen2.5-1.5B-Instruct's configuration (no download needed).
 
-    python bench/gpu_bench_train.py [--rows 120] [--mastered 40] [--lr 1e-7]
+    python bench/gpu_bench_train.py [--rows 120] [--mastered 40] [--lr 1e-7] [--device cuda]
+    python bench/gpu_bench_train.py --tiny --device cpu      # the same code on a tiny model (tests)
 
-Needs CUDA. Questions: the first ``--rows`` of ../shared/data/csqa.jsonl when present, else synthetic
-ones; the first ``--mastered`` play M (reference set) and the rest I (training set) — with random
-weights a model-made split would mean nothing. The tokenizer is cnl's small offline test tokenizer
-(its ids are a subset of the model's vocabulary). Each variant starts from the same weights; prints
-per-phase seconds and peak GPU memory above the weights, and the ratios.
+Questions: the first ``--rows`` of ../shared/data/csqa.jsonl when present, else synthetic ones; the
+first ``--mastered`` play M (reference set) and the rest I (training set) — with random weights a
+model-made split would mean nothing. The tokenizer is cnl's small offline test tokenizer (its ids
+are a subset of the model's vocabulary). Each variant starts from the same weights; prints per-phase
+seconds and peak memory above the weights (GPU: allocated; CPU: resident), and the ratios.
 """
 
 from __future__ import annotations
@@ -22,31 +23,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from cnl import kernels  # noqa: E402
 from cnl.data import read_mc_jsonl, rows_from_dicts, take_limit  # noqa: E402
-from cnl.scoring import PromptEncoder  # noqa: E402
 from cnl.testing import make_mc_rows, make_tiny_tokenizer  # noqa: E402
 
-QWEN25_15B = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-)
 
+def build_model(seed: int, device: torch.device, tiny: bool) -> torch.nn.Module:
+    from transformers import Qwen2ForCausalLM
 
-def build_model(seed: int) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from cnl.testing import make_tiny_model
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(**QWEN25_15B, attn_implementation="sdpa")
-    with torch.device("cuda"):
+    if tiny:
+        return make_tiny_model("qwen2", vocab_size=len(make_tiny_tokenizer("chatml")), seed=seed).to(device)
+    cfg = C.config_for("qwen2.5-1.5b")
+    cfg._attn_implementation = "sdpa"
+    with device:
         model = Qwen2ForCausalLM(cfg)
     return model.float().eval()
 
@@ -58,30 +50,37 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-7)
     ap.add_argument("--ref-batch-size", type=int, default=16)
     ap.add_argument("--eval-batch-size", type=int, default=32)
-    ap.add_argument("--variants", default="naive,cnl")
+    ap.add_argument("--variants", default="reference,cnl")
+    ap.add_argument("--device", default="auto", help="cuda (default when present) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of Qwen2.5-1.5B's shape")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("CUDA is not available: this benchmark needs a GPU (use bench/bench_train.py on the CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
+    device = device or torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("CUDA is not available (use --device cpu --tiny, or bench/bench_train.py on the CPU)")
     data = C.SHARED / "data" / "csqa.jsonl"
     rows = take_limit(read_mc_jsonl(data), args.rows) if data.exists() else rows_from_dicts(make_mc_rows(args.rows))
     tok = make_tiny_tokenizer("chatml")
-    enc = PromptEncoder(tok).encode_all(rows)
-    M, I_ = enc[: args.mastered], enc[args.mastered :]
-    meter = C.CudaPeak()
+    tok.padding_side = "left"
+    M, I_ = rows[: args.mastered], rows[args.mastered :]
+    meter = C.CudaPeak() if device.type == "cuda" else C.CpuPeak()
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
-        f"GPU {torch.cuda.get_device_name()}; Qwen2.5-1.5B config, random weights; |M| = {len(M)}, |I| = {len(I_)}; "
-        f"{'csqa' if data.exists() else 'synthetic'} questions; {C.env_note()}"
+        f"{where}; {'tiny' if args.tiny else 'Qwen2.5-1.5B'} config, random weights; |M| = {len(M)}, |I| = {len(I_)}; "
+        f"{'csqa' if data.exists() else 'synthetic'} questions; updates: {kernels.describe(device)}; {C.env_note()}"
     )
     results: dict[str, dict] = {}
     for variant in args.variants.split(","):
-        model = build_model(0)
+        model = build_model(0, device, args.tiny)
         n = sum(p.numel() for p in model.parameters())
-        torch.cuda.synchronize()
-        weights = torch.cuda.memory_allocated()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         r = C.run_epoch(
             variant,
             model,
+            tok,
             M,
             I_,
             meter,
@@ -93,15 +92,16 @@ def main() -> None:
         r["counts"] = [r["learned"], r["mastered_correct"]]
         results[variant] = r
         del model
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(f"\n{'phase':<10} " + " ".join(f"{v + ' s':>10} {v + ' GiB':>10}" for v in results))
     for phase in ("reference", "train", "eval"):
         cells = " ".join(
             f"{results[v][phase + '_s']:>10.2f} {results[v][phase + '_peak'] / 2**30:>10.2f}" for v in results
         )
         print(f"{phase:<10} {cells}")
-    if set(results) == {"naive", "cnl"}:
-        a, b = results["naive"], results["cnl"]
+    if {"reference", "cnl"} <= set(results):
+        a, b = results["reference"], results["cnl"]
         n = b["params"]
         for phase in ("reference", "train", "eval"):
             print(
@@ -111,6 +111,10 @@ def main() -> None:
         ta = sum(a[p + "_s"] for p in ("reference", "train", "eval"))
         tb = sum(b[p + "_s"] for p in ("reference", "train", "eval"))
         print(f"epoch: {ta:.1f}s vs {tb:.1f}s ({ta / tb:.2f}x); weights {b['weights_bytes'] / 2**30:.2f} GiB")
+        print(
+            f"counts: learned {a['learned']} vs {b['learned']}, mastered still correct {a['mastered_correct']} vs "
+            f"{b['mastered_correct']}; train loss {a['train_avg_loss']:.5f} vs {b['train_avg_loss']:.5f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .allocator import reuse_freed_memory
 from .config import (
     DataConfig,
     ModelConfig,
@@ -205,10 +207,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     c = resolve_train_configs(args)
-    if c.preset:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    if c.preset and main_rank:
         print(f"preset {c.preset}; resolved: lr {c.train.lr:g}, {c.train.epochs} epoch(s)", file=sys.stderr)
     rows = train(c.train, c.data, c.model, args.out, resume=args.resume)
-    if rows:
+    if rows and main_rank:
         print(f"\nsummary: {Path(args.out) / 'summary.csv'}")
     return 0
 
@@ -531,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_data_warnings()
+    reuse_freed_memory()
     previous = _terminate_like_interrupt()
     try:
         return int(args.handler(args) or 0)

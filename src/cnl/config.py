@@ -234,6 +234,9 @@ class TrainConfig:
     """Number of epochs E."""
     seed: int = 0
     """Seed for everything random (LoRA initialisation and dropout)."""
+    batch_size: int = 1
+    """Questions per update (per process under torchrun): the loss is their mean and the masked update
+    follows its gradient. 1 is SPEC's sample-by-sample training; larger is an extension."""
     momentum: float = 0.9
     """Momentum coefficient of the momentum optimizer."""
     beta1: float = 0.9
@@ -273,6 +276,9 @@ class TrainConfig:
     sparse_embedding_grad: bool = True
     """During training steps, let the input embedding give a sparse gradient so that a tied embedding
     keeps one dense gradient buffer instead of two (same sum up to float summation order)."""
+    cpu_offload: bool = False
+    """Under torchrun: keep each rank's shard of the weights, gradients and optimizer state in CPU
+    memory (FSDP2's CPU offload), moving it to the GPU layer by layer; slower, far less GPU memory."""
     save_model: bool = False
     """Save the final weights (LoRA: the adapter) in Hugging Face format into RUN_DIR/model."""
     checkpoint: bool = True

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import kernels
+from .distributed import local
 from .mask import SignReference
 
 __all__ = [
@@ -82,8 +83,8 @@ class SGDRule(UpdateRule):
     def fused(
         self, name: str, param: torch.Tensor, grad: torch.Tensor, signs: tuple[torch.Tensor, str] | None, lr: float
     ) -> int | None:
-        if not kernels.available(param, grad):
-            return None
+        if signs is None or not kernels.available(param, grad):
+            return None  # unmasked SGD is one torch sub_, already a single pass (and multi-threaded)
         return kernels.sgd(param, grad, signs, lr)
 
 
@@ -251,16 +252,18 @@ class ParameterUpdater:
             return
         if grad.is_sparse:  # an untied embedding under sparse_embedding_grads
             grad = grad.to_dense()
+        # sharded (FSDP2) parameters and gradients: the update works on this rank's shard
+        target, grad = local(param), local(grad)
         name = self.names[param]
         masked = self.reference is not None and param in self.reference
         n = None
         if self.fused:
-            n = self.rule.fused(name, param, grad, self.reference.raw(param) if masked else None, self.lr)
+            n = self.rule.fused(name, target, grad, self.reference.raw(param) if masked else None, self.lr)
         if n is None:  # the eager rule: the reference implementation, and the fallback
-            u = self.rule.direction(name, param, grad)
+            u = self.rule.direction(name, target, grad)
             if masked:
                 n = self.reference.mask_(param, u)
-            param.sub_(u.to(param.dtype), alpha=self.lr)
+            target.sub_(u.to(target.dtype), alpha=self.lr)
         if masked:
             self._masked = n if self._masked is None else self._masked + n
         param.grad = None

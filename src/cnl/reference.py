@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import local
 from .mask import SignReference
 
 __all__ = ["LossFn", "accumulate_mean_gradient", "reference_sign", "param_chunks"]
@@ -111,7 +112,7 @@ def reference_sign(
             desc = "reference" if len(groups) == 1 else f"reference {k + 1}/{len(groups)}"
             mean_loss = accumulate_mean_gradient(model, batches, loss_fn, n=n, desc=desc, progress=progress)
             for p in group:
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))  # a shard under FSDP
                 if on_grad is not None:
                     on_grad(p, g)
                 ref.set(p, g)

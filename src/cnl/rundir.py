@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from .io import (
     file_digest,
 )
 
-__all__ = ["RunDir", "RunDirError", "RunSeries", "INT_COLUMNS"]
+__all__ = ["RunDir", "RunDirError", "RunSeries", "INT_COLUMNS", "capture_rng", "restore_rng"]
 
 #: Summary columns holding counts (read back as int); ``epoch`` too. Every other column is a float.
 INT_COLUMNS = ("epoch", "wrong_to_correct", "correct_to_wrong", "correct2_to_wrong", "wrong2_to_correct")
@@ -268,15 +269,103 @@ class RunDir:
             raise RunDirError(f"{folder}: damaged checkpoint ({type(e).__name__}: {e}); {hint}") from None
         return weights, _join_tensors(skeleton, tensors)
 
+    # ------------------------------------------------------------------ sharded checkpoints (torchrun)
+    def save_sharded_checkpoint(
+        self, epoch: int, model: torch.nn.Module, rule_state: dict[str, dict[str, Any]], meta: dict[str, Any], dist: Any
+    ) -> None:
+        """Every rank writes its shard (``torch.distributed.checkpoint``) into a fresh folder; rank 0 adds
+        ``state.json`` (``meta``, the optimizer state's layout and every rank's RNG) and then, after all
+        ranks finished, renames the folder into place and points ``latest.json`` at it. A kill at any
+        moment leaves the previous checkpoint valid. Call it on every rank."""
+        import uuid
+
+        from .distributed import save_sharded
+
+        name = f"epoch_{epoch:03d}"
+        tmp = dist.broadcast(str(self.checkpoints / f".{name}.{uuid.uuid4().hex[:12]}.tmp"))
+        if dist.is_main:
+            Path(tmp).mkdir(parents=True)
+        dist.barrier()
+        save_sharded(Path(tmp) / "shards", model, rule_state, dist)
+        layout = {
+            n: {k: (None if isinstance(v, torch.Tensor) else v) for k, v in e.items()} for n, e in rule_state.items()
+        }
+        rngs = dist.gather(capture_rng())
+        if dist.is_main:
+            atomic_write_json(Path(tmp) / "state.json", {**meta, "rule_layout": layout, "rng": rngs})
+            final = self.checkpoints / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_json(self.checkpoints / "latest.json", {"epoch": epoch, "folder": name})
+            for old in self.checkpoints.iterdir():
+                if old.is_dir() and old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load_sharded_checkpoint(
+        self, model: torch.nn.Module, params: dict[str, torch.Tensor], dist: Any
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+        """``(meta, rule_state)`` of the latest sharded checkpoint loaded into ``model`` (None: none);
+        ``params`` are the trainable parameters by name, whose shards shape the optimizer state."""
+        from .distributed import load_sharded, local
+
+        pointer = self.checkpoints / "latest.json"
+        if not pointer.exists():
+            return None
+        hint = "delete the checkpoint/ folder and --resume again (the run then starts over from epoch 1)"
+        try:
+            folder = self.checkpoints / str(json.loads(pointer.read_text(encoding="utf-8"))["folder"])
+            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise RunDirError(
+                f"{self.checkpoints}: damaged sharded checkpoint ({type(e).__name__}: {e}); {hint}"
+            ) from None
+        if meta.get("world_size") != dist.world:
+            raise RunDirError(
+                f"{folder}: written by {meta.get('world_size')} process(es), resumed with {dist.world}; "
+                "use the same number"
+            )
+        rule_state = {
+            n: {k: (torch.zeros_like(local(params[n]), dtype=torch.float32) if v is None else v) for k, v in e.items()}
+            for n, e in meta["rule_layout"].items()
+        }
+        try:
+            load_sharded(folder / "shards", model, rule_state)
+        except Exception as e:  # torch.distributed.checkpoint raises several kinds
+            raise RunDirError(f"{folder}: damaged sharded checkpoint ({type(e).__name__}: {e}); {hint}") from None
+        restore_rng(meta["rng"][dist.rank])
+        return meta, rule_state
+
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     # ------------------------------------------------------------------ the final model
-    def save_model(self, model: torch.nn.Module, tokenizer: Any) -> None:
-        """Save in Hugging Face format (safetensors; LoRA: the adapter), replacing ``model/`` atomically."""
+    def save_model(self, model: torch.nn.Module, tokenizer: Any, state_dict: dict[str, Any] | None = None) -> None:
+        """Save in Hugging Face format (safetensors; LoRA: the adapter), replacing ``model/`` atomically;
+        ``state_dict`` overrides the model's own tensors (a sharded model's gathered weights)."""
         with atomic_dir(self.model) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states as JSON (torch's state as a list of byte values)."""
+    import random
+
+    version, internal, gauss = random.getstate()
+    cuda = [t.tolist() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state().tolist(), "cuda": cuda, "python": [version, list(internal), gauss]}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in state["cuda"]])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 _TENSOR = "__tensor__"

@@ -35,13 +35,14 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import MCRow, read_mc_jsonl
+from .distributed import SINGLE, Dist, from_env, local
 from .errors import CnlError, ConfigError, Terminated
 from .io import locked_output
 from .mask import SignReference
 from .methods import Method, validate_train_config
 from .optim import ParameterUpdater, make_rule, sparse_embedding_grads
 from .reference import reference_sign
-from .rundir import RunDir
+from .rundir import RunDir, capture_rng, restore_rng
 from .scoring import (
     Encoded,
     EncodedSets,
@@ -49,6 +50,7 @@ from .scoring import (
     PromptEncoder,
     batch_losses,
     encode_sets,
+    last_token_logits,
     mc_batches,
     predict,
     spec_loss,
@@ -131,13 +133,17 @@ def train(
     them. Everything that can be checked is checked before the model is loaded.
     """
     validate_train_config(cfg)
-    with locked_output(out_dir, "cnl train"), contextlib.ExitStack() as stack:
-        plan = plan_run(cfg, data, model_cfg, out_dir, resume=resume)
+    dist = from_env(model_cfg.device)
+    with contextlib.ExitStack() as stack:
+        # rank 0 holds the run directory; every rank learns whether it could before going on
+        agreed(dist, lambda: stack.enter_context(locked_output(out_dir, "cnl train")) if dist.is_main else None)
+        plan = agreed(dist, lambda: plan_run(cfg, data, model_cfg, out_dir, resume=resume, dist=dist))
         if plan.finished_rows is not None:
-            if echo:
+            if echo and dist.is_main:
                 print(f"{plan.rundir.root}: run already finished ({len(plan.finished_rows)} epochs); nothing to do")
             return plan.finished_rows
-        say = stack.enter_context(_run_log(plan.rundir, echo))
+        say = stack.enter_context(_run_log(plan.rundir, echo)) if dist.is_main else _silent
+        progress = progress if dist.is_main else False
         run = load(plan, model_cfg, model=model, tokenizer=tokenizer, model_tag=model_tag, say=say)
         try:
             with run.updater.hooked(cfg.update_in_backward):
@@ -151,6 +157,8 @@ def train(
                         run.train_enc,
                         run.updater,
                         pad_id=run.pad_id,
+                        batch_size=cfg.batch_size,
+                        dist=dist,
                         in_backward=cfg.update_in_backward,
                         sparse_embedding=cfg.sparse_embedding_grad,
                         lines=[r.line for r in run.train_rows],
@@ -165,6 +173,7 @@ def train(
                         {name: run.encoded[name] for name in dict.fromkeys((run.roles.learn, run.roles.forget))},
                         batch_size=cfg.eval_batch_size,
                         pad_id=run.pad_id,
+                        dist=dist,
                         desc=f"epoch {epoch} eval",
                         progress=progress,
                     )
@@ -175,6 +184,28 @@ def train(
             _fail(run, e)
         _finish(run)
     return run.rows
+
+
+def _silent(msg: str) -> None:
+    """What ranks other than 0 say: nothing (rank 0 prints and logs for the job)."""
+
+
+def agreed(dist: Dist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; when it fails on any rank, raise on every rank (no rank is left
+    waiting in a collective for one that stopped). Rank 0's error wins, else the first one's."""
+    if not dist.enabled:
+        return fn()
+    try:
+        result, error = fn(), None
+    except CnlError as e:
+        result, error = None, e
+    errors = dist.gather(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise ConfigError(f"another process stopped: {failed[1]}")
+    return result
 
 
 # ================================================================================== 1. plan
@@ -192,6 +223,8 @@ class RunPlan:
     resume: bool
     #: Leave out questions longer than the model's context (else they are an error).
     skip_long: bool = False
+    #: The processes of the job (one unless under torchrun).
+    dist: Dist = SINGLE
     #: Why a resumed run starts over from epoch 1 (None: it does not).
     restart_note: str | None = None
     #: The summary of a finished run that needs no more epochs (None: there is work to do).
@@ -199,14 +232,27 @@ class RunPlan:
 
 
 def plan_run(
-    cfg: TrainConfig, data: DataConfig, model_cfg: ModelConfig, out_dir: str | Path, *, resume: bool = False
+    cfg: TrainConfig,
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    dist: Dist = SINGLE,
 ) -> RunPlan:
     """Validate the options, the sets and the run directory; no model work."""
     method = validate_train_config(cfg)
+    if dist.enabled:
+        if not method.supports_sharding:
+            raise ConfigError(f"--method {method.name} does not run sharded over several processes yet; use one")
+        if cfg.ref_chunks > 1:
+            raise ConfigError("--ref-chunks splits the parameters of one process; with several processes use 1")
+    elif cfg.cpu_offload:
+        raise ConfigError("--cpu-offload is FSDP2's CPU offload: it needs several processes (torchrun)")
     roles = roles_for(method.resolve_setting(cfg.setting), method.uses_reference)
     files = resolve_set_files(data, roles)
     sets = {name: read_mc_jsonl(path, allow_empty=True) for name, path in files.items()}
-    _check_sets_not_empty(method, roles, sets, {k: str(v) for k, v in files.items()})
+    _check_sets_not_empty(method, roles, sets, {k: str(v) for k, v in files.items()}, cfg.batch_size * dist.world)
 
     from .models import resolve_device, resolve_dtype
 
@@ -221,9 +267,14 @@ def plan_run(
         "model": to_dict(model_cfg),
     }
     set_info = {name: RunDir.describe_set(path, len(sets[name])) for name, path in files.items()}
-    plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume, data.skip_long_prompts)
+    plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume, data.skip_long_prompts, dist)
     if rundir.exists():
         previous = rundir.read_info()
+        if resume and previous.get("world_size", 1) != dist.world:
+            raise ResumeMismatch(
+                f"--resume with {dist.world} process(es); the run in {rundir.root} was started with "
+                f"{previous.get('world_size', 1)} (its checkpoint is sharded that way): use the same number"
+            )
         if not resume:
             raise ConfigError(
                 f"{rundir.root} already holds a run ({previous.get('method')}/{previous.get('optimizer')}, "
@@ -247,7 +298,9 @@ def plan_run(
     return plan
 
 
-def _check_sets_not_empty(method: Method, roles: SetRoles, sets: dict[str, list[MCRow]], files: dict[str, str]) -> None:
+def _check_sets_not_empty(
+    method: Method, roles: SetRoles, sets: dict[str, list[MCRow]], files: dict[str, str], batch: int = 1
+) -> None:
     if roles.reference is not None and not sets[roles.reference]:
         raise ConfigError(
             f"the reference set {roles.reference} ({files[roles.reference]}) is empty: {method.name} needs "
@@ -256,6 +309,12 @@ def _check_sets_not_empty(method: Method, roles: SetRoles, sets: dict[str, list[
     for name in roles.train:
         if not sets[name]:
             raise ConfigError(f"the training set {name} ({files[name]}) is empty: nothing to inject")
+    n_train = sum(len(sets[name]) for name in roles.train)
+    if batch > n_train:
+        raise ConfigError(
+            f"a step takes {batch} questions (--batch-size x processes), more than the {n_train} of the training "
+            f"set {'+'.join(roles.train)}; use a smaller --batch-size"
+        )
 
 
 def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_info: dict[str, Any]) -> None:
@@ -372,10 +431,13 @@ def load(
             encode_sets(PromptEncoder(tok), sets, sources=sources, max_length=context, skip_long=plan.skip_long)
         )
 
+    dist = plan.dist
     if model is None:
         from .models import load_from_config
 
-        model, tokenizer, source = load_from_config(model_cfg, check_tokenizer=encode)
+        # under torchrun every rank loads the weights on the CPU; sharding then moves only its shard
+        load_cfg = dataclasses.replace(model_cfg, device="cpu") if dist.enabled else model_cfg
+        model, tokenizer, source = load_from_config(load_cfg, check_tokenizer=encode)
         model_tag = source.tag
         model_source = None if source.kind == "embedded" else source.path_or_id
     else:
@@ -393,6 +455,10 @@ def load(
         say(f"skipped {fitted[0].n_skipped} question(s) longer than the model's context ({counts})")
         _check_sets_not_empty(plan.method, roles, sets, sources)
     model = plan.method.prepare_model(model, cfg)
+    if dist.enabled:
+        from .distributed import shard
+
+        model = shard(model, dist, cpu_offload=cfg.cpu_offload)
     encoder = PromptEncoder(tokenizer)
     pool_rows = [r for name in roles.train for r in sets[name]]
     pool_enc = [e for name in roles.train for e in encoded[name]]
@@ -412,11 +478,12 @@ def load(
     if plan.restart_note:
         say(plan.restart_note)
     elif plan.resume:
-        rows = _restore(plan.rundir, model, updater)
+        rows = _restore(plan.rundir, model, updater, dist)
         if rows:
             say(f"resuming after epoch {len(rows)}")
     columns = summary_columns(roles)
-    plan.rundir.write_summary(columns, rows)
+    if dist.is_main:
+        plan.rundir.write_summary(columns, rows)
     info: dict[str, Any] = {
         "method": cfg.method,
         "optimizer": cfg.optimizer,
@@ -432,14 +499,17 @@ def load(
         "learn_total": len(sets[roles.learn]),
         "forget_total": len(sets[roles.forget]),
         "trainable_parameters": updater.n_elements,
+        "world_size": dist.world,
+        "batch_size": cfg.batch_size,
         "skipped_long_prompts": {k: v for k, v in fitted[0].skipped.items() if v},
         "columns": columns,
         "config": plan.resolved,
         "status": "running",
         "epochs_done": len(rows),
     }
-    plan.rundir.write_info(info)
-    plan.rundir.write_config(plan.resolved)
+    if dist.is_main:
+        plan.rundir.write_info(info)
+        plan.rundir.write_config(plan.resolved)
     say(
         f"{cfg.method}/{cfg.optimizer} {roles.setting}: train on {'+'.join(roles.train)} ({len(pool_enc)}), "
         f"learning on {roles.learn} ({len(sets[roles.learn])}), forgetting on {roles.forget} "
@@ -461,25 +531,14 @@ def load(
     )
 
 
-def _rng_state() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": [version, list(internal), gauss],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _restore(rundir: RunDir, model: torch.nn.Module, updater: ParameterUpdater) -> list[dict[str, Any]]:
+def _restore(rundir: RunDir, model: torch.nn.Module, updater: ParameterUpdater, dist: Dist) -> list[dict[str, Any]]:
     """Load the latest checkpoint into the model, the optimizer state and the RNGs; return its summary rows."""
+    if dist.enabled:
+        loaded = rundir.load_sharded_checkpoint(model, dict(updater.params), dist)
+        if loaded is None:
+            return []
+        meta, updater.rule.state = loaded
+        return list(meta["summary"])
     loaded = rundir.load_checkpoint()
     if loaded is None:
         return []
@@ -491,7 +550,7 @@ def _restore(rundir: RunDir, model: torch.nn.Module, updater: ParameterUpdater) 
         for n, p in params.items():
             p.copy_(weights[n].to(p.device, p.dtype))
     updater.rule.load_state_dict(state["rule"], next(model.parameters()).device)
-    _set_rng_state(state["rng"])
+    restore_rng(state["rng"])
     return list(state["summary"])
 
 
@@ -504,17 +563,47 @@ def reference(run: Run, *, progress: bool | None = None) -> None:
         return
     updater = run.updater
     updater.reference = None
+    params = [p for _, p in updater.params]
     with updater.paused():
+        if run.plan.dist.enabled:
+            updater.reference = _sharded_sign_reference(run, run.encoded[name], params)
+            return
         updater.reference = sign_reference(
             run.model,
             run.encoded[name],
-            [p for _, p in updater.params],
+            params,
             pad_id=run.pad_id,
             batch_size=run.cfg.ref_batch_size,
             storage=run.cfg.sign_storage,
             chunks=run.cfg.ref_chunks,
             progress=progress,
         )
+
+
+def _sharded_sign_reference(run: Run, questions: Sequence[Encoded], params: list[torch.nn.Parameter]) -> SignReference:
+    """The reference under torchrun: every rank takes a contiguous share of the set and divides its loss
+    sum by the set's size; the sharded gradients, reduced as sums, are then the exact global mean. Each
+    rank keeps the signs of its own shard only."""
+    dist, model, bs = run.plan.dist, run.model, run.cfg.ref_batch_size
+    n = len(questions)
+    batches = mc_batches([questions[i] for i in dist.share(n)], bs)
+    was_training = model.training
+    model.eval()  # as in the one-process reference: a property of the parameters, no dropout
+    for p in params:
+        p.grad = None
+    try:
+        for k in range(dist.steps_for(n, bs)):
+            if k < len(batches):
+                (batch_losses(model, batches[k], run.pad_id).sum() / n).backward()
+            else:  # every rank joins every pass; a rank whose share is used up adds nothing
+                (batch_losses(model, [questions[0]], run.pad_id).sum() * 0.0).backward()
+        ref = SignReference(run.cfg.sign_storage)
+        for p in params:
+            ref.set(p, local(p.grad) if p.grad is not None else torch.zeros_like(local(p)))
+            p.grad = None
+    finally:
+        model.train(was_training)
+    return ref
 
 
 def sign_reference(
@@ -548,45 +637,62 @@ def train_epoch(
     updater: ParameterUpdater,
     *,
     pad_id: int = 0,
+    batch_size: int = 1,
+    dist: Dist = SINGLE,
     in_backward: bool = True,
     sparse_embedding: bool = True,
     lines: Sequence[int] | None = None,
     where: str = "",
     progress: bool | None = None,
 ) -> tuple[float, float]:
-    """One update per question, in order, batch size 1 (SPEC §4 step 2); ``(mean loss, masked fraction)``.
+    """One update per batch, in order (SPEC §4 step 2: batch size 1); ``(mean loss, masked fraction)``.
 
-    ``in_backward`` means the updater's hooks are attached and update each parameter during the
-    backward pass; otherwise the updater steps after it. A non-finite loss stops with the question's
-    file line (``lines``) before its update.
+    A batch's loss is the mean over its questions, so its update follows the mean gradient; the last
+    batch may be short. With ``dist`` (N processes) a step takes N × ``batch_size`` consecutive
+    questions, rank r the r-th ``batch_size`` of them, and every rank divides its loss sum by the step's
+    global count (the sharded gradients are reduced as sums): the order and the numbers do not depend on
+    N when N × ``batch_size`` is fixed. ``in_backward`` means the updater's hooks are attached and
+    update each parameter during the backward pass; otherwise the updater steps after it. A
+    non-finite loss stops with the question's file line (``lines``) before its update.
     """
     model.train()
     loss_sum = 0.0
     updater.pop_masked()
-    bar = tqdm(questions, desc=f"{where} train".strip(), unit="q", disable=(progress is False) or None, leave=False)
-    with sparse_embedding_grads(model, sparse_embedding):
-        for i, e in enumerate(bar):
-            loss = batch_losses(model, [e], pad_id)[0]
-            value = float(loss.detach())
-            if not math.isfinite(value):
+    n = len(questions)
+    per_step = batch_size * dist.world
+    steps = 0
+    bar = tqdm(total=n, desc=f"{where} train".strip(), unit="q", disable=(progress is False) or None, leave=False)
+    with sparse_embedding_grads(model, sparse_embedding and not dist.enabled):
+        for start in range(0, n, per_step):
+            count = min(per_step, n - start)
+            mine = range(start + dist.rank * batch_size, min(start + (dist.rank + 1) * batch_size, start + count))
+            # a rank with no question left in a short last step joins with a dummy one of weight 0
+            batch = [questions[i] for i in mine] or [questions[start]]
+            losses = batch_losses(model, batch, pad_id)
+            values = losses.detach().tolist() if mine else []
+            bad = [(i, v) for i, v in zip(mine, values, strict=True) if not math.isfinite(v)]
+            if dist.any(bool(bad)):
+                i, v = next((b for found in dist.gather(bad) for b in found), (start, float("nan")))
                 line = f" (line {lines[i]})" if lines is not None else ""
-                raise TrainingError(
-                    f"{where}, training sample {i + 1}{line}: loss is {value}; try a smaller learning rate"
-                )
-            loss.backward()
+                raise TrainingError(f"{where}, training sample {i + 1}{line}: loss is {v}; try a smaller learning rate")
+            (losses.sum() / count if mine else losses.sum() * 0.0).backward()
             if not in_backward:
                 updater.step()
-            loss_sum += value
+            loss_sum += sum(values)
+            steps += 1
+            bar.update(count)
     bar.close()
-    masked = updater.pop_masked()
-    masked_fraction = masked / (updater.n_elements * len(questions)) if updater.reference is not None else 0.0
-    return loss_sum / len(questions), masked_fraction
+    loss_sum = dist.sum(loss_sum)
+    masked = dist.sum(updater.pop_masked())
+    masked_fraction = masked / (updater.n_elements * steps) if updater.reference is not None else 0.0
+    return loss_sum / n, masked_fraction
 
 
 def _check_finite(run: Run, epoch: int) -> None:
     """Stop before anything of this epoch is written when the weights went non-finite."""
-    bad = [n for n, p in run.updater.params if not bool(torch.isfinite(p).all())]
-    if bad:
+    bad = [n for n, p in run.updater.params if not bool(torch.isfinite(local(p)).all())]
+    if run.plan.dist.any(bool(bad)):
+        bad = [n for names in run.plan.dist.gather(bad) for n in names] or ["on another process"]
         raise TrainingError(
             f"epoch {epoch}: the weights became non-finite ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}); try a smaller learning rate"
@@ -599,14 +705,30 @@ def evaluate(
     *,
     batch_size: int = 16,
     pad_id: int = 0,
+    dist: Dist = SINGLE,
     desc: str = "eval",
     progress: bool | None = None,
 ) -> dict[str, Predictions]:
-    """Predictions on each set (SPEC §4 step 3: the learning and forgetting sets)."""
-    return {
-        name: predict(model, enc, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress)
-        for name, enc in sets.items()
-    }
+    """Predictions on each set (SPEC §4 step 3: the learning and forgetting sets).
+
+    With ``dist`` every rank scores a contiguous share of each set and the shares are gathered, in
+    order, on every rank; a rank with fewer batches runs dummy ones (FSDP needs every rank in every pass).
+    """
+    out = {}
+    for name, enc in sets.items():
+        if not dist.enabled:
+            out[name] = predict(
+                model, enc, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress
+            )
+            continue
+        share = [enc[i] for i in dist.share(len(enc))]
+        mine = predict(model, share, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress)
+        with torch.no_grad():
+            for _ in range(dist.steps_for(len(enc), batch_size) - -(-len(share) // batch_size)):
+                last_token_logits(model, [enc[0].input_ids], pad_id)
+        parts = dist.gather((mine.letters, mine.correct, mine.candidate_logits))
+        out[name] = Predictions(*(sum((list(p[k]) for p in parts), []) for k in range(3)))
+    return out
 
 
 def record(
@@ -636,19 +758,27 @@ def record(
         **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()},
         "epoch_seconds": round(epoch_seconds, 3),
     }
-    with _disk_full_message(f"the results of epoch {epoch}", "earlier epochs' results and checkpoint are kept"):
-        for name, p in preds.items():
-            rundir.write_predictions(epoch, name, sets[name], p.letters)
-        rundir.write_summary(run.info["columns"], [*run.rows, row])
+    dist = run.plan.dist
+    if dist.is_main:
+        with _disk_full_message(f"the results of epoch {epoch}", "earlier epochs' results and checkpoint are kept"):
+            for name, p in preds.items():
+                rundir.write_predictions(epoch, name, sets[name], p.letters)
+            rundir.write_summary(run.info["columns"], [*run.rows, row])
     run.rows.append(row)
     run.info["epochs_done"] = epoch
-    rundir.write_info(run.info)
+    if dist.is_main:
+        rundir.write_info(run.info)
     if run.cfg.checkpoint:
-        weights = {n: p for n, p in run.updater.params}
-        state = {"epoch": epoch, "summary": run.rows, "rule": run.updater.rule.state_dict(), "rng": _rng_state()}
         kept = f"epoch {epoch}'s results (summary.csv, predictions) are kept and the previous checkpoint is valid"
         with _disk_full_message(f"the checkpoint of epoch {epoch}", kept, checkpoint=True):
-            rundir.save_checkpoint(epoch, weights, state)
+            if dist.enabled:
+                meta = {"epoch": epoch, "summary": run.rows, "world_size": dist.world}
+                rundir.save_sharded_checkpoint(epoch, run.model, run.updater.rule.state, meta, dist)
+            else:
+                weights = {n: p for n, p in run.updater.params}
+                rule = run.updater.rule.state_dict()
+                state = {"epoch": epoch, "summary": run.rows, "rule": rule, "rng": capture_rng()}
+                rundir.save_checkpoint(epoch, weights, state)
     run.say(
         f"epoch {epoch:>3}/{run.cfg.epochs}  loss {row['train_avg_loss']:.4f}  "
         f"learned {learned}/{len(sets[roles.learn])}  forgotten {forgotten}/{len(sets[roles.forget])}  "
@@ -687,7 +817,8 @@ def _fail(run: Run, e: BaseException) -> None:
         e = TrainingError(f"{e}. Finished epochs are kept in {run.rundir.root}")
     run.info["status"] = status
     run.info["error"] = f"{type(e).__name__}: {e}"
-    run.rundir.write_info(run.info)
+    if run.plan.dist.is_main:
+        run.rundir.write_info(run.info)
     log.error(run.info["error"])
     if isinstance(e, TrainingError):
         raise e from None
@@ -695,10 +826,21 @@ def _fail(run: Run, e: BaseException) -> None:
 
 
 def _finish(run: Run) -> None:
+    dist = run.plan.dist
     if run.cfg.save_model:
-        run.rundir.save_model(run.model, run.tokenizer)
+        if dist.enabled:  # one Hugging Face model, gathered from the shards onto rank 0
+            from .distributed import full_state_dict
+
+            state = full_state_dict(run.model)
+            if dist.is_main:
+                run.rundir.save_model(run.model, run.tokenizer, state_dict=state)
+            dist.barrier()
+        else:
+            run.rundir.save_model(run.model, run.tokenizer)
         run.say(f"model saved to {run.rundir.model}")
-    if not run.cfg.keep_checkpoint:
-        run.rundir.remove_checkpoints()
-    run.info["status"] = "finished"
-    run.rundir.write_info(run.info)
+    if dist.is_main:
+        if not run.cfg.keep_checkpoint:
+            run.rundir.remove_checkpoints()
+        run.info["status"] = "finished"
+        run.rundir.write_info(run.info)
+    dist.barrier()

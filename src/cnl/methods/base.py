@@ -43,7 +43,7 @@ def check_common_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"learning rate must be a positive number, got {cfg.lr}")
     if cfg.epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
-    for name in ("ref_batch_size", "eval_batch_size", "ref_chunks", "lora_r"):
+    for name in ("batch_size", "ref_batch_size", "eval_batch_size", "ref_chunks", "lora_r"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     from ..mask import SIGN_STORAGES
@@ -69,6 +69,8 @@ class Method:
     fixed_setting: ClassVar[str | None] = None
     #: Whether reports measure other runs' forgetting reduction against this method's runs.
     baseline: ClassVar[bool] = False
+    #: Whether the method runs sharded over several processes (torchrun + FSDP2).
+    supports_sharding: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ validation
     def validate(self, cfg: TrainConfig) -> None:
