@@ -130,7 +130,8 @@ def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, dist: Dist, *, cpu_offload: bool = False) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each decoder layer, then the root; gradients reduce as sums."""
+    """FSDP2: ``fully_shard`` each decoder layer, then the root; gradients reduce as plain sums (gloo has no
+    pre-scaled sum, so the collectives are told to use sum only, with a divide factor of 1)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
@@ -142,6 +143,7 @@ def shard(model: torch.nn.Module, dist: Dist, *, cpu_offload: bool = False) -> t
     fully_shard(model, mesh=mesh, offload_policy=policy)
     for m in model.modules():
         if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     return model
 
@@ -219,4 +221,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights gathered on rank 0's CPU (an empty dict on the other ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # tied weights (an embedding shared with the head) come back as separate copies: keep one name, as
+    # save_pretrained writes an unsharded tied model
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            state.pop(name, None)
+    return state
