@@ -9,6 +9,7 @@
    unmasked, per optimizer.
 3. ``bench/gpu_bench_train.py`` (reduced unless ``--full``): one CNL/SGD epoch against the reference
    implementation's loop on Qwen2.5-1.5B's shape with random weights.
+4. With two or more GPUs, ``bench/gpu_dist_smoke.py``: sharded training under torchrun on NCCL.
 
 Only torch, transformers and triton are needed (what the lent machine has); nothing is installed.
 """
@@ -81,6 +82,11 @@ def main() -> None:
     ):
         print("$ " + " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=False)
+    if torch.cuda.device_count() >= 2:  # NCCL needs a device per rank
+        print("$ gpu_dist_smoke.py", flush=True)
+        subprocess.run([sys.executable, str(HERE / "gpu_dist_smoke.py")], check=False)
+    else:
+        print("one CUDA device: the sharded smoke test (bench/gpu_dist_smoke.py) needs two; skipped")
     print(f"\ngpu_check done in {time.time() - t0:.0f}s")
 
 

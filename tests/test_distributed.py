@@ -91,7 +91,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, sets, ti
     info = json.loads((two / "run.json").read_text())
     assert (info["world_size"], info["batch_size"], info["status"]) == (2, 1, "finished")
     # only rank 0 wrote: one log, one set of predictions, no lock files left
-    assert sorted(p.name for p in (two / "predictions").iterdir()) == sorted(p.name for p in (one / "predictions").iterdir())
+    assert sorted(p.name for p in (two / "predictions").iterdir()) == sorted(
+        p.name for p in (one / "predictions").iterdir()
+    )
     assert not list(two.glob(".cnl.lock*"))
 
 
@@ -138,3 +140,27 @@ def test_bad_combinations_fail_before_any_work(tmp_path, sets, tiny_qwen2_dir, c
     assert run_cli([*train_args(tiny_qwen2_dir, sets, one, "--keep-checkpoint"), "--epochs", "1"]) == 0
     again = torchrun(2, [*train_args(tiny_qwen2_dir, sets, one, "--keep-checkpoint"), "--epochs", "2", "--resume"])
     assert again.returncode != 0 and "started with 1" in again.stderr
+
+
+@pytest.mark.integration
+def test_embedded_model_two_processes_one_epoch(tmp_path, shared_dir):
+    """The real SmolLM2 under torchrun: one epoch of CNL on 2 ranks equals one process with batch 2."""
+    from cnl.data import read_mc_jsonl, take_limit
+
+    rows = [r.raw for r in take_limit(read_mc_jsonl(shared_dir / "data" / "csqa.jsonl"), 12)]
+    sets = {
+        "mastered": write_jsonl(tmp_path / "m.jsonl", rows[:4]),
+        "injection": write_jsonl(tmp_path / "i.jsonl", rows[4:]),
+    }
+    common = ["train", "--device", "cpu", "--lr", "3e-5", "--epochs", "1", "--optimizer", "sgd"]
+    common += ["--mastered", str(sets["mastered"]), "--injection", str(sets["injection"])]
+    proc = torchrun(2, [*common, "--batch-size", "1", "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_cli([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    a, b = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert [(r["wrong_to_correct"], r["correct_to_wrong"]) for r in a] == [
+        (r["wrong_to_correct"], r["correct_to_wrong"]) for r in b
+    ]
+    assert float(a[0]["train_avg_loss"]) == pytest.approx(float(b[0]["train_avg_loss"]), rel=1e-4)
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert info["world_size"] == 2 and len(info["peak_memory_bytes"]) == 2

@@ -12,13 +12,17 @@ until the process ends. ``CNL_MALLOC=system`` leaves the allocator alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import platform
+from pathlib import Path
 
-__all__ = ["reuse_freed_memory"]
+import torch
+
+__all__ = ["reuse_freed_memory", "PeakMemory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -39,3 +43,30 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class PeakMemory:
+    """Peak memory of this process since :meth:`reset`: the CUDA allocator's peak on a GPU, else the
+    resident set's high-water mark (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int | None:
+        """Bytes at the peak since the last reset (None where it cannot be read)."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None

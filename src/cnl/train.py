@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import PeakMemory
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import MCRow, read_mc_jsonl
 from .distributed import SINGLE, Dist, from_env, local
@@ -145,6 +146,8 @@ def train(
         say = stack.enter_context(_run_log(plan.rundir, echo)) if dist.is_main else _silent
         progress = progress if dist.is_main else False
         run = load(plan, model_cfg, model=model, tokenizer=tokenizer, model_tag=model_tag, say=say)
+        meter = PeakMemory(next(run.model.parameters()).device)
+        meter.reset()  # from here on: what training needs, not the loading of the full weights
         try:
             with run.updater.hooked(cfg.update_in_backward):
                 for epoch in range(len(run.rows) + 1, cfg.epochs + 1):
@@ -179,6 +182,7 @@ def train(
                     )
                     t_eval = time.perf_counter() - t0
                     seconds = {"reference": t_ref, "train": t_train, "eval": t_eval}
+                    run.info["peak_memory_bytes"] = dist.gather(meter.peak())
                     record(run, epoch, loss, masked, preds, seconds, time.perf_counter() - t_epoch)
         except BaseException as e:
             _fail(run, e)
