@@ -34,6 +34,7 @@ __all__ = [
     "AdamRule",
     "make_rule",
     "ParameterUpdater",
+    "apply_update",
     "OPTIMIZERS",
 ]
 
@@ -212,6 +213,35 @@ def make_rule(
     raise ValueError(f"unknown optimizer {optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
+@torch.no_grad()
+def apply_update(
+    rule: UpdateRule,
+    key: Any,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    reference: SignReference | None = None,
+    *,
+    fused: bool = True,
+) -> int | torch.Tensor | None:
+    """``θ ← θ − η · mask(u)`` for one parameter: the rule's update ``u`` from ``grad`` (state kept by
+    ``rule`` under ``key``), frozen where ``u`` disagrees in sign with ``reference``. Returns how many
+    elements were frozen (None when ``param`` has no reference). ``param`` and ``grad`` may be sharded
+    (FSDP2 DTensors): the update then works on this rank's shard. This is the one implementation of the
+    update that :class:`ParameterUpdater` and :class:`cnl.optimizer.MaskedOptimizer` share."""
+    target, grad = local(param), local(grad)
+    masked = reference is not None and param in reference
+    n = None
+    if fused:
+        n = rule.fused(key, target, grad, reference.raw(param) if masked else None, lr)
+    if n is None:  # the eager rule: the reference implementation, and the fallback
+        u = rule.direction(key, target, grad)
+        if masked:
+            n = reference.mask_(param, u)
+        target.sub_(u.to(target.dtype), alpha=lr)
+    return n if masked else None
+
+
 class ParameterUpdater:
     """Applies ``θ ← θ − η · mask(u)`` to named parameters, in the backward pass or after it.
 
@@ -252,19 +282,9 @@ class ParameterUpdater:
             return
         if grad.is_sparse:  # an untied embedding under sparse_embedding_grads
             grad = grad.to_dense()
-        # sharded (FSDP2) parameters and gradients: the update works on this rank's shard
-        target, grad = local(param), local(grad)
         name = self.names[param]
-        masked = self.reference is not None and param in self.reference
-        n = None
-        if self.fused:
-            n = self.rule.fused(name, target, grad, self.reference.raw(param) if masked else None, self.lr)
-        if n is None:  # the eager rule: the reference implementation, and the fallback
-            u = self.rule.direction(name, target, grad)
-            if masked:
-                n = self.reference.mask_(param, u)
-            target.sub_(u.to(target.dtype), alpha=self.lr)
-        if masked:
+        n = apply_update(self.rule, name, param, grad, self.lr, self.reference, fused=self.fused)
+        if n is not None:
             self._masked = n if self._masked is None else self._masked + n
         param.grad = None
 
