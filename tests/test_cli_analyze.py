@@ -131,19 +131,19 @@ def test_compare_rerun_reuses_everything(
     assert [r["run"] for r in rep["rows"]] == ["ft-sgd", "cnl-sgd"]
 
 
-def test_compare_refuses_other_methods(
+def test_compare_refuses_unknown_or_repeated_methods(
     tiny_qwen2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_jsonl(tmp_path / "q.jsonl", make_mc_rows(6))
     out = tmp_path / "out"
-    code = run_cli(
-        ["compare", "--model", str(tiny_qwen2_dir), "--dataset", str(data), "--out", str(out), "--methods", "ft,lora"]
-    )
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.startswith("error: ") and "lora" in captured.err and "cnl train" in captured.err
-    assert "Traceback" not in captured.err
-    assert not out.exists()
+    base = ["compare", "--model", str(tiny_qwen2_dir), "--dataset", str(data), "--out", str(out), "--methods"]
+    for methods, text in (("ft,nope", "unknown method 'nope'"), ("ft,cnl,ft", "twice")):
+        code = run_cli([*base, methods])
+        captured = capsys.readouterr()
+        assert code == 2
+        assert captured.err.startswith("error: ") and text in captured.err, captured.err
+        assert "Traceback" not in captured.err
+        assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------- analyze neurons

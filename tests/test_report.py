@@ -301,7 +301,7 @@ def test_plot_curves_draws_every_run(ft_cnl: tuple[Path, Path], tmp_path: Path) 
 def test_write_report_files(ft_cnl: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "rep"
     rep = write_report(list(ft_cnl), out)
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "pareto.png", "report.json", "report.md"]
     assert json.loads((out / "report.json").read_text(encoding="utf-8")) == json.loads(json.dumps(rep))
     assert (out / "report.md").read_text(encoding="utf-8") == render_markdown(rep)
 
@@ -357,3 +357,42 @@ def test_each_run_is_compared_with_the_ft_run_of_its_optimizer(tmp_path: Path) -
     assert rows["cnl-momentum"]["baseline_run"] == "ft-sgd"  # no ft/momentum: the first ft run
     assert rows["cnl-momentum"]["forgetting_reduction_pct"] == pytest.approx(75.0)
     assert rows["ft-adam"]["baseline_run"] is None
+
+
+def test_pareto_front_marks_the_undominated_points(tmp_path: Path) -> None:
+    from cnl.report import pareto_points
+
+    ft = load_run_record(make_run(tmp_path, "ft-sgd", "ft", [10, 20, 30], [6, 30, 60]))
+    cnl = load_run_record(make_run(tmp_path, "cnl-sgd", "cnl", [8, 12, 12], [0, 0, 3]))
+    points = {(p["run"], p["epoch"]): p for p in pareto_points([ft, cnl])}
+    assert len(points) == 6
+    assert points[("ft-sgd", 1)]["learned_pct"] == 25.0 and points[("ft-sgd", 1)]["forgotten_pct"] == 10.0
+    front = {k for k, p in points.items() if p["front"]}
+    # cnl epoch 2 (30% learned, 0% forgotten) dominates cnl epochs 1 and 3 and ft epoch 1 (25%, 10%);
+    # ft's later epochs learn more than anything else, at a price
+    assert front == {("cnl-sgd", 2), ("ft-sgd", 2), ("ft-sgd", 3)}
+
+
+def test_mixed_forgetting_sets_compare_in_percent(tmp_path: Path) -> None:
+    half = {**SETS, "mastered2": {"file": "/data/x_correct2_m.jsonl", "sha256": "cccc000011112222", "count": 30}}
+    ft = make_run(tmp_path, "ft-sgd", "ft", [10, 12], [6, 30])  # 30 of 60 forgotten: 50%
+    replay = make_run(
+        tmp_path,
+        "replay-sgd",
+        "replay",
+        [9, 11],
+        [3, 6],
+        setting="replay",
+        forget_set="mastered2",
+        sets=half,
+        forget_total=30,
+        columns=[*IN_SET_COLUMNS[:3], "correct2_to_wrong", "masked_fraction"],
+    )
+    with pytest.raises(CnlError, match="different sets"):
+        build_report([load_run_record(ft), load_run_record(replay)])
+    rep = build_report([load_run_record(ft), load_run_record(replay)], mixed_forget_sets=True)
+    row = rep["rows"][1]
+    assert row["forget_set"] == "mastered2" and row["final_forgotten_pct"] == 20.0
+    assert row["forgetting_reduction_pct"] == pytest.approx(60.0)  # (50% - 20%) / 50%
+    md = render_markdown(rep)
+    assert "forgets on" in md and "mastered2 (30)" in md

@@ -347,3 +347,34 @@ def test_check_fails_fast_like_encode_all(tiny_qwen2) -> None:
         enc.check(rows)
     with pytest.raises(CnlError, match="distinct answer tokens"):
         enc.encode_all(rows)
+
+
+# ------------------------------------------------------------------------------- prompt style (SPEC §2)
+def test_reference_prompt_style_doubles_the_bos_and_prints_todays_date():
+    """The published code tokenizes the template's text with special tokens: for a Llama-3 style
+    tokenizer (the template prints <|begin_of_text|>, the tokenizer adds one) the prompt starts with two
+    BOS tokens, and the template's date line is the day of the run, not the fixed date."""
+    import datetime
+
+    from cnl.data import rows_from_dicts
+    from cnl.scoring import FIXED_DATE, PromptEncoder
+    from cnl.testing import make_mc_rows, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer("llama3")
+    row = rows_from_dicts(make_mc_rows(1))[0]
+    bos = tok.bos_token_id
+    clean, ref = PromptEncoder(tok), PromptEncoder(tok, style="reference")
+    c, r = clean.prompt_ids(row.question), ref.prompt_ids(row.question)
+    assert c[0] == bos and c[1] != bos
+    assert r[:2] == [bos, bos] and r[2] != bos
+    assert FIXED_DATE in clean.prompt_text(row.question)
+    today = datetime.date.today().strftime("%d %b %Y")
+    assert today in ref.prompt_text(row.question) and FIXED_DATE not in ref.prompt_text(row.question)
+    assert ref.encode(row).input_ids == tuple(r)
+    # a tokenizer without a BOS (chatml) gives the same tokens either way
+    chat = make_tiny_tokenizer("chatml")
+    assert PromptEncoder(chat).prompt_ids(row.question) == PromptEncoder(chat, style="reference").prompt_ids(
+        row.question
+    )
+    with pytest.raises(CnlError, match="prompt style"):
+        PromptEncoder(tok, style="other")

@@ -985,3 +985,23 @@ def test_run_outputs_are_readable_by_group_and_others(tmp_path, sets):
     assert not bad, bad
     dirs = [p for p in [out, *out.rglob("*")] if p.is_dir()]
     assert not [p for p in dirs if p.stat().st_mode & 0o777 != 0o755]
+
+
+def test_prompt_style_is_part_of_the_runs_identity(tmp_path, sets, tiny_llama_dir, capsys):
+    out = tmp_path / "style"
+    argv = cli_train_args(tiny_llama_dir, sets, out, "--epochs", "1", "--keep-checkpoint")
+    assert main([*argv, "--prompt-style", "reference"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["model"]["prompt_style"] == "reference"
+    err = cli_error(capsys, [*argv[:-3], "--epochs", "2", "--keep-checkpoint", "--resume"])
+    assert "prompt_style was 'reference', now 'clean'" in err
+
+
+def test_lora_adamw_decay_defaults_to_torchs_001(tmp_path):
+    """The reference's LoRA runs use torch's AdamW default weight decay 0.01, CNL's AdamW 0.1."""
+    c = resolve(["train", "--out", str(tmp_path), "--method", "lora", "--optimizer", "adamw"])
+    assert c.train.adamw_weight_decay == 0.01 and c.train.lr == 1e-5
+    c = resolve(["train", "--out", str(tmp_path), "--method", "cnl", "--optimizer", "adamw"])
+    assert c.train.adamw_weight_decay == 0.1
+    c = resolve(["train", "--out", str(tmp_path), "--method", "lora", "--adamw-weight-decay", "0.2"])
+    assert c.train.adamw_weight_decay == 0.2

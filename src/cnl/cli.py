@@ -55,7 +55,13 @@ def _load_model(
 
     def encode(tok: Any, context: int | None) -> None:
         fitted.append(
-            encode_sets(PromptEncoder(tok), dict(sets), sources=sources, max_length=context, skip_long=skip_long)
+            encode_sets(
+                PromptEncoder(tok, style=cfg.prompt_style),
+                dict(sets),
+                sources=sources,
+                max_length=context,
+                skip_long=skip_long,
+            )
         )
 
     model, tokenizer, source = load_from_config(cfg, check_tokenizer=encode)
@@ -87,8 +93,11 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=No
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import DTYPES
+    from .scoring import PROMPT_STYLES
 
-    add_dataclass_arguments(parser, ModelConfig, choices={"dtype": tuple(DTYPES)}, group_title="model")
+    add_dataclass_arguments(
+        parser, ModelConfig, choices={"dtype": tuple(DTYPES), "prompt_style": PROMPT_STYLES}, group_title="model"
+    )
 
 
 # ----------------------------------------------------------------------------------------- split
@@ -400,9 +409,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out} exists and is not a directory; choose another --out")
     with locked_output(args.out, "cnl report"):
-        report = write_report(args.runs, args.out)
+        report = write_report(args.runs, args.out, mixed_forget_sets=args.mixed_forget_sets)
     _print_report(report)
-    print(f"\nwritten to {args.out}/ (report.md, report.json, curves.png)")
+    print(f"\nwritten to {args.out}/ (report.md, report.json, curves.png, pareto.png)")
     return 0
 
 
@@ -434,6 +443,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("runs", nargs="+", type=Path, help="run directories written by 'cnl train'")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--mixed-forget-sets",
+        action="store_true",
+        help="allow runs that measure forgetting on different sets of one split (replay, ood settings: M2); "
+        "forgetting is then compared in percent",
+    )
     p.set_defaults(handler=cmd_report)
 
 
@@ -467,20 +482,16 @@ def _print_side_by_side(run_dirs: list[Path]) -> None:
     from .report import load_run_record
 
     recs = [load_run_record(d) for d in run_dirs]
-    header = ["epoch"]
-    for r in recs:
-        header += [f"{r.info['method']} learned", f"{r.info['method']} forgotten"]
+    header = ["epoch", *[f"{r.info['method']} learned/forgotten" for r in recs]]
     n = max(len(r.epochs) for r in recs)
-    table = []
-    for i in range(n):
-        row: list = [i + 1]
-        for r in recs:
-            row += [r.learned[i], r.forgotten[i]] if i < len(r.epochs) else ["", ""]
-        table.append(row)
+    table = [
+        [i + 1, *[f"{r.learned[i]}/{r.forgotten[i]}" if i < len(r.epochs) else "" for r in recs]] for i in range(n)
+    ]
     info = recs[0].info
+    sets = {f"{r.info['forget_set']} ({r.info['forget_total']})" for r in recs}
     print(
         f"\nlearned = {info['learn_set']} answered correctly (of {info['learn_total']}), "
-        f"forgotten = {info['forget_set']} answered wrongly (of {info['forget_total']})\n"
+        f"forgotten = {' or '.join(sorted(sets))} answered wrongly\n"
     )
     print_table(header, table)
 
@@ -498,7 +509,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="csqa", help="named dataset or JSONL file (default: csqa)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     p.add_argument("--out", required=True, type=Path, help="output directory (split/, runs/, report/)")
-    p.add_argument("--methods", default="ft,cnl", help="methods to compare (default: ft,cnl)")
+    from .methods import method_names
+
+    p.add_argument(
+        "--methods", default="ft,cnl", help=f"comma-separated methods ({','.join(method_names())}; default: ft,cnl)"
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer for every method (default: sgd)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")

@@ -51,6 +51,10 @@ class ModelConfig:
     """Torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run (off: never executed unless asked)."""
+    prompt_style: str = "clean"
+    """How a question becomes prompt tokens: clean (one BOS, a fixed date in templates that print one)
+    or reference (the published code's tokenizer(text) with special tokens: two BOS for Llama 3.x, and
+    the day of the run; the published Llama splits were made that way)."""
     flush_denormal: bool = False
     """Treat denormal floats (below 1.2e-38) as zero on the CPU (faster on CPUs with slow denormal
     arithmetic; it can turn a denormal reference gradient into a zero, so off by default)."""
@@ -256,7 +260,18 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """Comma-separated module names that get LoRA adapters."""
     replay_seed: int = 42
-    """Seed of the one-time shuffle of I ∪ M1 for replay."""
+    """Seed of the one-time shuffle of I ∪ M1 for replay (the reference's shuffle was unseeded)."""
+    mofo_fraction: float = 0.15
+    """mofo: share of each tensor's elements stepped, those with the largest |momentum| (MoFO's runs: 15%)."""
+    hft_redraw: str = "epoch"
+    """hft: redraw the frozen half at every epoch (with the run's seed), or never (one draw)."""
+    ewc_lambda: float = 100.0
+    """ewc: strength λ of the penalty λ/2 Σ F (θ − θ*)² (F: diagonal Fisher of the reference set); an
+    SGD step is stable while lr · λ · max F < 2."""
+    ewc_fisher: str = "epoch"
+    """ewc: recompute the Fisher and the anchor θ* at every epoch, or once (at the start weights)."""
+    l2_alpha: float = 1000.0
+    """l2: strength α of the pull α/2 ||θ − θ₀||² to the starting weights (L2-SP)."""
     ref_batch_size: int = 8
     """Questions per backward pass when computing the reference gradient (memory vs speed)."""
     eval_batch_size: int = 16

@@ -17,7 +17,7 @@ Every method of ``cnl train`` shares these pieces:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "make_rule",
     "ParameterUpdater",
     "apply_update",
+    "UpdateHooks",
     "OPTIMIZERS",
 ]
 
@@ -223,23 +224,60 @@ def apply_update(
     reference: SignReference | None = None,
     *,
     fused: bool = True,
+    select: Callable[[Any, torch.Tensor, torch.Tensor, dict[str, Any] | None], int] | None = None,
 ) -> int | torch.Tensor | None:
     """``θ ← θ − η · mask(u)`` for one parameter: the rule's update ``u`` from ``grad`` (state kept by
     ``rule`` under ``key``), frozen where ``u`` disagrees in sign with ``reference``. Returns how many
     elements were frozen (None when ``param`` has no reference). ``param`` and ``grad`` may be sharded
     (FSDP2 DTensors): the update then works on this rank's shard. This is the one implementation of the
-    update that :class:`ParameterUpdater` and :class:`cnl.optimizer.MaskedOptimizer` share."""
+    update that :class:`ParameterUpdater` and :class:`cnl.optimizer.MaskedOptimizer` share.
+
+    ``select(key, param, u, state)`` (another method's filter, e.g. MoFO's) zeroes, in place, the
+    elements of ``u`` that must not move and returns how many; it runs the eager rule."""
     target, grad = local(param), local(grad)
     masked = reference is not None and param in reference
     n = None
-    if fused:
+    if fused and select is None:
         n = rule.fused(key, target, grad, reference.raw(param) if masked else None, lr)
     if n is None:  # the eager rule: the reference implementation, and the fallback
         u = rule.direction(key, target, grad)
         if masked:
             n = reference.mask_(param, u)
+        if select is not None:
+            chosen = select(key, target, u, rule.state.get(key))
+            n, masked = (chosen if n is None else n + chosen), True
         target.sub_(u.to(target.dtype), alpha=lr)
     return n if masked else None
+
+
+class UpdateHooks:
+    """What a training method may change in each update, beyond the optimizer's rule and CNL's mask.
+
+    The default changes nothing. :class:`ParameterUpdater` asks, for each parameter: ``skip`` (leave it
+    alone entirely: HFT's frozen half), ``adjust_grad_`` (add a penalty's gradient: EWC, L2-SP),
+    ``select`` (zero elements of the update: MoFO); and before a step taken after the backward pass,
+    ``before_step`` (whole-model gradient edits: A-GEM's projection). ``freezes``: the hooks can leave
+    elements unmoved, so the updater counts them (``masked_fraction``).
+    """
+
+    freezes: bool = False
+    select: Callable[[Any, torch.Tensor, torch.Tensor, dict[str, Any] | None], int] | None = None
+
+    def skip(self, key: Any) -> bool:
+        return False
+
+    def adjust_grad_(self, key: Any, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Change ``grad`` (the local shard of ``param``'s gradient) in place before the rule sees it."""
+
+    def before_step(self, params: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """Edit the accumulated ``.grad`` of all parameters before they update (not in the backward pass)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep for ``--resume`` (tensors allowed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 class ParameterUpdater:
@@ -269,6 +307,7 @@ class ParameterUpdater:
         self.lr = lr
         self.reference = reference
         self.enabled = True
+        self.hooks: UpdateHooks | None = None
         self.n_elements = sum(p.numel() for _, p in self.params)
         self._masked: torch.Tensor | None = None
         self._handles: list[Any] = []
@@ -283,13 +322,27 @@ class ParameterUpdater:
         if grad.is_sparse:  # an untied embedding under sparse_embedding_grads
             grad = grad.to_dense()
         name = self.names[param]
-        n = apply_update(self.rule, name, param, grad, self.lr, self.reference, fused=self.fused)
+        hooks = self.hooks
+        if hooks is not None and hooks.skip(name):
+            n: Any = local(param).numel()
+        else:
+            if hooks is not None:
+                hooks.adjust_grad_(name, param, local(grad))
+            select = hooks.select if hooks is not None else None
+            n = apply_update(self.rule, name, param, grad, self.lr, self.reference, fused=self.fused, select=select)
         if n is not None:
             self._masked = n if self._masked is None else self._masked + n
         param.grad = None
 
+    @property
+    def counts_frozen(self) -> bool:
+        """Whether elements can stay unmoved (CNL's mask, or a method's hooks), so the fraction means something."""
+        return self.reference is not None or (self.hooks is not None and self.hooks.freezes)
+
     def step(self) -> None:
         """Update every parameter from its accumulated ``.grad`` (when not in-backward)."""
+        if self.hooks is not None:
+            self.hooks.before_step(self.params)
         for _, p in self.params:
             self.update(p)
 

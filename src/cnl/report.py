@@ -53,16 +53,17 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
     )
 
 
-def check_same_sets(runs: list[RunRecord]) -> None:
-    """Refuse runs whose learning or forgetting sets differ, naming the mismatch."""
+def check_same_sets(runs: list[RunRecord], *, mixed_forget_sets: bool = False) -> None:
+    """Refuse runs whose learning sets (and, unless ``mixed_forget_sets``, forgetting sets) differ."""
     first = runs[0]
 
     def key(r: RunRecord, role: str) -> tuple[str, str]:
         name = r.info[f"{role}_set"]
         return name, r.info["sets"][name]["sha256"]
 
+    roles = ("learn",) if mixed_forget_sets else ("learn", "forget")
     for r in runs[1:]:
-        for role in ("learn", "forget"):
+        for role in roles:
             a, b = key(first, role), key(r, role)
             if a[1] != b[1]:
                 raise CnlError(
@@ -76,11 +77,16 @@ def _pct(n: int, total: int) -> float:
     return 100.0 * n / total if total else 0.0
 
 
-def build_report(runs: list[RunRecord]) -> dict[str, Any]:
-    """The paper-style comparison table as data."""
+def build_report(runs: list[RunRecord], *, mixed_forget_sets: bool = False) -> dict[str, Any]:
+    """The paper-style comparison table as data.
+
+    ``mixed_forget_sets``: runs may measure forgetting on different sets of one split (replay and the
+    out-of-set settings use M2, the in-set runs M); forgetting is then compared in percent of each
+    run's own set, and each row names its set.
+    """
     if not runs:
         raise CnlError("no runs given")
-    check_same_sets(runs)
+    check_same_sets(runs, mixed_forget_sets=mixed_forget_sets)
     fts = [r for r in runs if is_baseline(r.info["method"])]
     ft = fts[0] if fts else None
     rows = []
@@ -93,6 +99,7 @@ def build_report(runs: list[RunRecord]) -> dict[str, Any]:
             "method": r.info["method"],
             "optimizer": r.info["optimizer"],
             "setting": r.info["setting"],
+            "forget_set": r.info["forget_set"],
             "epochs": r.epochs[-1],
             "learn_total": lt,
             "forget_total": ft_total,
@@ -112,31 +119,103 @@ def build_report(runs: list[RunRecord]) -> dict[str, Any]:
         if fts and not row["is_baseline"]:
             # the ft run with the same optimizer when there is one, else the first ft run
             baseline = next((f for f in fts if f.info["optimizer"] == r.info["optimizer"]), fts[0])
-            base = baseline.forgotten[-1]
+            base = _pct(baseline.forgotten[-1], baseline.info["forget_total"])
             row["baseline_run"] = baseline.name
-            row["forgetting_reduction_pct"] = 100.0 * (base - r.forgotten[-1]) / base if base else None
+            mine = row["final_forgotten_pct"]
+            row["forgetting_reduction_pct"] = 100.0 * (base - mine) / base if base else None
         rows.append(row)
     return {
         "learn_set": runs[0].info["learn_set"],
         "forget_set": runs[0].info["forget_set"],
         "baseline": ft.name if ft else None,
         "rows": rows,
+        "pareto": pareto_points(runs),
     }
 
 
+def pareto_points(runs: list[RunRecord]) -> list[dict[str, Any]]:
+    """One point per run and epoch: learned and forgotten in percent, and whether it is on the best
+    trade-off front (no other point learns at least as much while forgetting at most as much, one of
+    the two strictly)."""
+    points = [
+        {
+            "run": r.name,
+            "method": r.info["method"],
+            "epoch": e,
+            "learned_pct": _pct(lv, r.info["learn_total"]),
+            "forgotten_pct": _pct(fv, r.info["forget_total"]),
+        }
+        for r in runs
+        for e, lv, fv in zip(r.epochs, r.learned, r.forgotten, strict=True)
+    ]
+    for p in points:
+        p["front"] = not any(
+            q["learned_pct"] >= p["learned_pct"]
+            and q["forgotten_pct"] <= p["forgotten_pct"]
+            and (q["learned_pct"] > p["learned_pct"] or q["forgotten_pct"] < p["forgotten_pct"])
+            for q in points
+        )
+    return points
+
+
+def plot_pareto(report: dict[str, Any], path: str | Path) -> Any:
+    """Learned (x) against forgotten (y), in percent, one point per method and epoch; the front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["pareto"]
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for run in dict.fromkeys(p["run"] for p in points):
+        mine = [p for p in points if p["run"] == run]
+        xs, ys = [p["learned_pct"] for p in mine], [p["forgotten_pct"] for p in mine]
+        (line,) = ax.plot(xs, ys, marker="o", ms=5, lw=0.8, alpha=0.8, label=run)
+        for p in mine:
+            ax.annotate(str(p["epoch"]), (p["learned_pct"], p["forgotten_pct"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points", color=line.get_color())  # fmt: skip
+    front = sorted((p for p in points if p["front"]), key=lambda p: p["learned_pct"])
+    if front:
+        ax.plot([p["learned_pct"] for p in front], [p["forgotten_pct"] for p in front], color="black", lw=1.5,
+                ls="--", drawstyle="steps-post", label="best trade-off front")  # fmt: skip
+        ax.scatter([p["learned_pct"] for p in front], [p["forgotten_pct"] for p in front], s=90,
+                   facecolors="none", edgecolors="black", zorder=3)  # fmt: skip
+    ax.set_xlabel(f"learned: % of {report['learn_set']} answered correctly (more is better)")
+    ax.set_ylabel("forgotten: % of the forgetting set answered wrongly (less is better)")
+    ax.set_title("learning against forgetting, one point per method and epoch (numbers: epochs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return fig
+
+
 def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -> str:
-    """Markdown with the comparison table (and the figure, when given)."""
+    """Markdown with the comparison table (and the figures, when given)."""
     rows = report["rows"]
+    mixed = len({r["forget_set"] for r in rows}) > 1
+    general = any(r.get("final_general") is not None for r in rows)
+    forget = (
+        "forgetting on each run's own set (column *forgets on*), compared in percent"
+        if mixed
+        else f"forgetting on **{report['forget_set']}** ({rows[0]['forget_total']} questions)"
+    )
     lines = [
         "# CNL comparison",
         "",
-        f"Learning measured on **{report['learn_set']}** ({rows[0]['learn_total']} questions), forgetting on "
-        f"**{report['forget_set']}** ({rows[0]['forget_total']} questions).",
+        f"Learning measured on **{report['learn_set']}** ({rows[0]['learn_total']} questions), {forget}.",
         "",
-        "| run | method | optimizer | setting | epochs | learned (final) | forgotten (final) "
-        "| best epoch | learned (best) | forgotten (best) | forgetting reduction vs ft |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | method | optimizer | setting | "
+        + ("forgets on | " if mixed else "")
+        + "epochs | learned (final) | forgotten (final) | best epoch | learned (best) | forgotten (best) "
+        + "| forgetting reduction vs ft |"
+        + (" general accuracy |" if general else ""),
+        "| --- | --- | --- | --- | "
+        + ("--- | " if mixed else "")
+        + "---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: |" if general else ""),
     ]
+    several = sum(1 for x in rows if x["is_baseline"]) > 1
     for r in rows:
         red = r["forgetting_reduction_pct"]
         if r["is_baseline"]:
@@ -144,23 +223,27 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         elif red is None:
             red_s = "n/a" if report["baseline"] is None else "n/a (ft forgot nothing)"
         else:
-            several = sum(1 for x in rows if x["is_baseline"]) > 1
             red_s = f"{red:.1f}%" + (f" (vs {r['baseline_run']})" if several else "")
+        gen = r.get("final_general")
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | {r['epochs']} "
-            f"| {r['final_learned']} ({r['final_learned_pct']:.1f}%) "
+            f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | "
+            + (f"{r['forget_set']} ({r['forget_total']}) | " if mixed else "")
+            + f"{r['epochs']} | {r['final_learned']} ({r['final_learned_pct']:.1f}%) "
             f"| {r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%) "
             f"| {r['best_epoch']} | {r['best_learned']} ({r['best_learned_pct']:.1f}%) "
             f"| {r['best_forgotten']} ({r['best_forgotten_pct']:.1f}%) | {red_s} |"
+            + ((f" {gen:.1%} |" if gen is not None else " - |") if general else "")
         )
     lines += [
         "",
         "Learned: questions of the learning set answered correctly (% of the set). Forgotten: questions of the "
         "forgetting set now answered wrongly (% of the set). Best epoch: the epoch with most learned. Forgetting "
-        "reduction: (forgotten by ft − forgotten by the run) / forgotten by ft, at the final epoch.",
+        "reduction: (forgotten % by ft − forgotten % by the run) / forgotten % by ft, at the final epoch."
+        + (" General accuracy: on the general-knowledge set of `--general`, at the final epoch." if general else ""),
     ]
     if figure:
         lines += ["", f"![learned and forgotten per epoch]({figure})"]
+        lines += ["", "![learned against forgotten, the best trade-off front marked](pareto.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -193,10 +276,10 @@ def plot_curves(runs: list[RunRecord], path: str | Path) -> Any:
     return fig
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """Read the runs, write ``report.md``, ``report.json`` and ``curves.png`` into ``out_dir``."""
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, mixed_forget_sets: bool = False) -> dict[str, Any]:
+    """Read the runs, write ``report.md``, ``report.json``, ``curves.png`` and ``pareto.png`` into ``out_dir``."""
     runs = [load_run_record(d) for d in run_dirs]
-    report = build_report(runs)
+    report = build_report(runs, mixed_forget_sets=mixed_forget_sets)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CnlError(f"--out {out} exists and is not a directory; choose another --out")
@@ -205,6 +288,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    plt.close(plot_pareto(report, out / "pareto.png"))
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report

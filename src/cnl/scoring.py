@@ -32,6 +32,7 @@ from .models import pad_token_id
 
 __all__ = [
     "FIXED_DATE",
+    "PROMPT_STYLES",
     "Encoded",
     "PromptEncoder",
     "EncodedSets",
@@ -68,10 +69,25 @@ class Encoded:
     label: str
 
 
-class PromptEncoder:
-    """Turns :class:`~cnl.data.MCRow` questions into :class:`Encoded` inputs for one tokenizer."""
+#: How prompts are tokenized (SPEC §2): ``clean`` (default) or ``reference`` (as the published code did).
+PROMPT_STYLES = ("clean", "reference")
 
-    def __init__(self, tokenizer, *, fixed_date: str = FIXED_DATE) -> None:
+
+class PromptEncoder:
+    """Turns :class:`~cnl.data.MCRow` questions into :class:`Encoded` inputs for one tokenizer.
+
+    ``style="clean"`` (default): the template's text is tokenized without special tokens (a BOS the
+    template printed is not doubled; one is added for a tokenizer that uses one and a template that
+    did not print it) and a template that prints today's date gets :data:`FIXED_DATE`.
+    ``style="reference"``: as the published implementation does, ``tokenizer(text)`` *with* special
+    tokens — two ``<|begin_of_text|>`` for Llama 3.x — and the date as the template renders it (the day
+    of the run). The published Llama splits were made that way.
+    """
+
+    def __init__(self, tokenizer, *, fixed_date: str = FIXED_DATE, style: str = "clean") -> None:
+        if style not in PROMPT_STYLES:
+            raise CnlError(f"unknown prompt style {style!r} (choose from {', '.join(PROMPT_STYLES)})")
+        self.style = style
         if not getattr(tokenizer, "chat_template", None):
             raise CnlError(
                 "the tokenizer has no chat template; cnl scores instruction-tuned (chat) models, "
@@ -90,16 +106,17 @@ class PromptEncoder:
                 self._prepend_bos = bos
 
     def prompt_text(self, question: str) -> str:
-        """The chat-template text for one user message, generation prompt added, fixed date."""
+        """The chat-template text for one user message, generation prompt added (fixed date when clean)."""
+        extra = {"date_string": self.fixed_date} if self.style == "clean" else {}
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}],
-            tokenize=False,
-            add_generation_prompt=True,
-            date_string=self.fixed_date,
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True, **extra
         )
 
     def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of :meth:`prompt_text`, with exactly one BOS for models that use one."""
+        """Token ids of :meth:`prompt_text`: clean, exactly one BOS for models that use one; reference,
+        the tokenizer's own special tokens added on top of the template's."""
+        if self.style == "reference":
+            return list(self.tokenizer(self.prompt_text(question))["input_ids"])
         ids = list(self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"])
         if self._prepend_bos is not None and (not ids or ids[0] != self._prepend_bos):
             ids.insert(0, self._prepend_bos)

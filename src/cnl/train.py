@@ -149,10 +149,13 @@ def train(
         meter = PeakMemory(next(run.model.parameters()).device)
         meter.reset()  # from here on: what training needs, not the loading of the full weights
         try:
-            with run.updater.hooked(cfg.update_in_backward):
+            in_backward = cfg.update_in_backward and run.plan.method.updates_in_backward
+            with run.updater.hooked(in_backward):
                 for epoch in range(len(run.rows) + 1, cfg.epochs + 1):
                     t_epoch = time.perf_counter()
                     reference(run, progress=progress)
+                    with run.updater.paused():
+                        run.plan.method.begin_epoch(run, epoch)
                     t_ref = time.perf_counter() - t_epoch
                     t0 = time.perf_counter()
                     loss, masked = train_epoch(
@@ -162,7 +165,7 @@ def train(
                         pad_id=run.pad_id,
                         batch_size=cfg.batch_size,
                         dist=dist,
-                        in_backward=cfg.update_in_backward,
+                        in_backward=in_backward,
                         sparse_embedding=cfg.sparse_embedding_grad,
                         lines=[r.line for r in run.train_rows],
                         where=f"epoch {epoch}",
@@ -339,7 +342,11 @@ def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_inf
     # or dtype would silently continue on other weights. The device may change.
     old_model = previous["config"].get("model") or {}
     new_model = resolved["model"]
-    mdiff = [k for k in ("model", "dtype") if not _same_model_value(k, old_model.get(k), new_model.get(k))]
+    mdiff = [
+        k
+        for k in ("model", "dtype", "prompt_style")
+        if not _same_model_value(k, old_model.get(k, "clean" if k == "prompt_style" else None), new_model.get(k))
+    ]
     if mdiff:
         raise ResumeMismatch(
             "--resume with a different model: "
@@ -432,7 +439,13 @@ def load(
     def encode(tok: Any, context: int | None) -> None:
         """Every question encoded once, lengths checked against the context, before the weights load."""
         fitted.append(
-            encode_sets(PromptEncoder(tok), sets, sources=sources, max_length=context, skip_long=plan.skip_long)
+            encode_sets(
+                PromptEncoder(tok, style=model_cfg.prompt_style),
+                sets,
+                sources=sources,
+                max_length=context,
+                skip_long=plan.skip_long,
+            )
         )
 
     dist = plan.dist
@@ -478,6 +491,7 @@ def load(
     )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     updater = ParameterUpdater(trainable, rule, cfg.lr, fused=cfg.fused_update)
+    updater.hooks = plan.method.make_hooks(cfg, model)
     rows: list[dict[str, Any]] = []
     if plan.restart_note:
         say(plan.restart_note)
@@ -554,6 +568,8 @@ def _restore(rundir: RunDir, model: torch.nn.Module, updater: ParameterUpdater, 
         for n, p in params.items():
             p.copy_(weights[n].to(p.device, p.dtype))
     updater.rule.load_state_dict(state["rule"], next(model.parameters()).device)
+    if updater.hooks is not None:
+        updater.hooks.load_state_dict(state.get("hooks") or {})
     restore_rng(state["rng"])
     return list(state["summary"])
 
@@ -563,7 +579,7 @@ def reference(run: Run, *, progress: bool | None = None) -> None:
     """Give the updater the sign of the mean gradient over the reference set at the current weights
     (only for methods that use a reference; SPEC §4 step 1)."""
     name = run.roles.reference
-    if name is None:
+    if name is None or not run.plan.method.sign_reference:
         return
     updater = run.updater
     updater.reference = None
@@ -688,7 +704,7 @@ def train_epoch(
     bar.close()
     loss_sum = dist.sum(loss_sum)
     masked = dist.sum(updater.pop_masked())
-    masked_fraction = masked / (updater.n_elements * steps) if updater.reference is not None else 0.0
+    masked_fraction = masked / (updater.n_elements * steps) if updater.counts_frozen else 0.0
     return loss_sum / n, masked_fraction
 
 
@@ -781,7 +797,8 @@ def record(
             else:
                 weights = {n: p for n, p in run.updater.params}
                 rule = run.updater.rule.state_dict()
-                state = {"epoch": epoch, "summary": run.rows, "rule": rule, "rng": capture_rng()}
+                hooks = run.updater.hooks.state_dict() if run.updater.hooks is not None else {}
+                state = {"epoch": epoch, "summary": run.rows, "rule": rule, "rng": capture_rng(), "hooks": hooks}
                 rundir.save_checkpoint(epoch, weights, state)
     run.say(
         f"epoch {epoch:>3}/{run.cfg.epochs}  loss {row['train_avg_loss']:.4f}  "

@@ -20,6 +20,8 @@ from ..sets import SETTINGS
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
+    from ..optim import UpdateHooks
+    from ..train import Run
 
 __all__ = ["Method", "check_common_options"]
 
@@ -63,8 +65,13 @@ class Method:
     defaults: ClassVar[Mapping[str, Any]] = {}
     #: Optimizers this method runs with.
     optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS
-    #: Whether the method needs a reference gradient over the protected set (SPEC §4 "CNL methods only").
+    #: Whether the method reads the reference (protected) set: the setting then names one (SPEC §4).
     uses_reference: ClassVar[bool] = False
+    #: Whether the loop computes CNL's sign reference over that set at the start of every epoch.
+    sign_reference: ClassVar[bool] = False
+    #: False when a step needs the whole gradient before any parameter moves (A-GEM's projection): the
+    #: loop then runs the backward pass first and the update after it, whatever --update-in-backward says.
+    updates_in_backward: ClassVar[bool] = True
     #: A setting the method always runs in (replay), or None to take ``--setting``.
     fixed_setting: ClassVar[str | None] = None
     #: Whether reports measure other runs' forgetting reduction against this method's runs.
@@ -109,3 +116,10 @@ class Method:
     def training_order(self, n: int, cfg: TrainConfig) -> list[int]:
         """Order of the ``n`` training questions, fixed for the whole run (default: file order)."""
         return list(range(n))
+
+    def make_hooks(self, cfg: TrainConfig, model: torch.nn.Module) -> UpdateHooks | None:
+        """The per-run changes to each update (:class:`~cnl.optim.UpdateHooks`); None: the rule alone."""
+        return None
+
+    def begin_epoch(self, run: Run, epoch: int) -> None:
+        """Per-epoch preparation after the sign reference (A-GEM's mean gradient, EWC's Fisher, HFT's draw)."""

@@ -16,3 +16,4 @@ class CollaborativeNeuronLearning(Method):
     name = "cnl"
     summary = "masked update: an element moves only where the update agrees in sign with g_M"
     uses_reference = True
+    sign_reference = True
