@@ -401,6 +401,63 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(handler=cmd_analyze_distance)
 
 
+# ------------------------------------------------------------------------------------------ eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import accuracies, general_sets, load_run_model, write_eval
+    from .io import locked_output
+    from .models import load_from_config, pad_token_id
+    from .scoring import PromptEncoder, encode_sets
+
+    if not args.general:
+        raise CnlError("name at least one set: --general mmlu:500 (NAME[:N] or FILE.jsonl[:N])")
+    _check_batch_size(args.batch_size)
+    sets = general_sets(args.general)  # validated before the model loads
+    cfg = _model_config(args)
+    if args.run is not None and "model" in vars(args):
+        raise CnlError("give --run RUN_DIR or --model, not both")
+    fitted = []
+
+    def encode(tok: Any, context: int | None) -> None:
+        fitted.append(encode_sets(PromptEncoder(tok, style=cfg.prompt_style), sets, max_length=context))
+
+    t0 = time.perf_counter()
+    if args.run is not None:
+        model, tokenizer, tag = load_run_model(args.run, cfg, encode)
+    else:
+        model, tokenizer, source = load_from_config(cfg, check_tokenizer=encode)
+        tag = source.tag
+    print(f"model {tag} loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    result = accuracies(model, fitted[0].encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer))
+    print_table(
+        ["set", "questions", "correct", "accuracy"],
+        [[k, v["questions"], v["correct"], f"{v['accuracy']:.1%}"] for k, v in result.items()],
+    )
+    if args.out is not None:
+        with locked_output(args.out, "cnl eval"):
+            write_eval(args.out, {"model": tag, "run": str(args.run) if args.run else None, "sets": result})
+        print(f"\nwritten to {args.out}/eval.json")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a model or a run's saved model on general-knowledge sets",
+        description="Score a model (--model, default the embedded one) or a run's saved model (--run RUN_DIR; "
+        "a LoRA run's adapter is loaded onto its base model) on named or JSONL multiple-choice sets, with "
+        "SPEC §2's prediction. --general NAME[:N] samples N questions with a fixed seed (default 500, 'all' for "
+        "every one); the offline copies serve when the hub is unreachable.",
+    )
+    p.add_argument(
+        "--general", action="append", default=[], metavar="SPEC", help="a set: mmlu:500, arc_c, my.jsonl:200"
+    )
+    p.add_argument("--run", type=Path, default=None, help="a run directory trained with --save-model")
+    p.add_argument("--out", type=Path, default=None, help="write eval.json into this directory")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
+    _add_model_arguments(p)
+    p.set_defaults(handler=cmd_eval)
+
+
 # ---------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     from .io import locked_output
@@ -465,6 +522,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         preset=args.preset,
         train={k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
         model=values_from_namespace(args, ModelConfig),
+        general=args.general,
     )
     from .io import locked_output
 
@@ -521,6 +579,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", type=Path, default=None, help="YAML file of training options (a 'methods:' table per method)"
     )
+    p.add_argument(
+        "--general", default=None, metavar="SPEC", help="a general-knowledge set every run evaluates, e.g. mmlu:500"
+    )
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_compare)
 
@@ -533,12 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collaborative Neuron Learning: teach a language model new facts without forgetting.",
     )
     parser.add_argument("--version", action="version", version=f"cnl {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="{compare,split,train,analyze,report,data}")
+    sub = parser.add_subparsers(dest="verb", metavar="{compare,split,train,analyze,eval,report,data}")
     sub.required = True
     _add_compare(sub)
     _add_split(sub)
     _add_train(sub)
     _add_analyze(sub)
+    _add_eval(sub)
     _add_report(sub)
     _add_data(sub)
     return parser

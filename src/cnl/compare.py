@@ -32,6 +32,8 @@ class ComparePlan:
     configs: dict[str, ResolvedConfigs]
     source: Any
     run_dirs: dict[str, Path] = field(default_factory=dict)
+    #: A general-knowledge set every run evaluates after each epoch (``--general``).
+    general: str | None = None
 
     @property
     def model(self) -> ModelConfig:
@@ -61,6 +63,7 @@ def plan_compare(
     preset: str | None = None,
     train: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
+    general: str | None = None,
 ) -> ComparePlan:
     """Resolve and validate every method's configuration and the dataset (no model work)."""
     from .data import resolve_dataset
@@ -81,7 +84,12 @@ def plan_compare(
     for c in configs.values():
         validate_train_config(c.train)
     first = next(iter(configs.values()))
+    if general:
+        from .data import resolve_general
+
+        resolve_general(general)  # validated now, not after the split
     plan = ComparePlan(dataset, limit, rows, tag, Path(out), configs, resolve_model_source(first.model.model))
+    plan.general = general
     plan.run_dirs = {m: plan.out / "runs" / f"{m}-{c.train.optimizer}" for m, c in configs.items()}
     return plan
 
@@ -131,7 +139,7 @@ def run_compare(
         f"accuracy {manifest['accuracy']:.1%}: mastered M = {files['correct']['count']}, "
         f"injection I = {files['wrong']['count']}"
     )
-    data = DataConfig(split=str(plan.split_dir))
+    data = DataConfig(split=str(plan.split_dir), general=plan.general)
     for m, c in plan.configs.items():  # every run is checked (sets, resumability) before any trains
         try:
             plan_run(c.train, data, c.model, plan.run_dirs[m], resume=True)

@@ -216,6 +216,10 @@ class DataConfig:
     """First half of I (ood-wrong trains on it)."""
     injection2: str | None = None
     """Second half of I (ood-wrong measures learning on it)."""
+    general: str | None = None
+    """A general-knowledge set evaluated after every epoch into the general_accuracy column (and once
+    before training): NAME[:N] or FILE.jsonl[:N], e.g. mmlu:500 (N sampled with a fixed seed; 500 by
+    default; offline copies when the hub is unreachable)."""
     skip_long_prompts: bool = False
     """Leave out questions whose prompt is longer than the model's context (a count is printed and
     recorded in run.json); off: such a question is an error naming its file and line."""

@@ -41,6 +41,7 @@ __all__ = [
     "resolve_dataset",
     "check_regular_file",
     "duplicate_lines",
+    "resolve_general",
 ]
 
 #: Seed of the published halving (SPEC §3): ``random.Random(42).shuffle``, first ceil(n/2) rows = part 1.
@@ -267,3 +268,28 @@ def resolve_dataset(name_or_path: str, *, limit: int | None = None) -> tuple[lis
     else:
         raise DataError(f"'{name_or_path}' is neither a JSONL file nor a named dataset ({', '.join(NAMED_DATASETS)})")
     return take_limit(rows, limit), tag
+
+
+#: Questions a general-knowledge set is sampled to when its spec gives no size (``--general mmlu``).
+GENERAL_DEFAULT_SIZE = 500
+
+
+def resolve_general(spec: str) -> tuple[list[MCRow], str]:
+    """Rows and tag of a general-knowledge set: ``NAME[:N]`` or ``FILE.jsonl[:N]``.
+
+    ``N`` questions (default :data:`GENERAL_DEFAULT_SIZE`; ``all`` for every one) are sampled with a
+    fixed seed and kept in file order, so that a set such as MMLU, stored subject by subject, is covered
+    across its subjects rather than by its first few.
+    """
+    name, sep, size = spec.rpartition(":")
+    if not sep or (size != "all" and not size.isdigit()):
+        name, size = spec, str(GENERAL_DEFAULT_SIZE)
+    rows, tag = resolve_dataset(name)
+    if size != "all":
+        n = int(size)
+        if n < 1:
+            raise DataError(f"general set {spec!r}: the size must be at least 1")
+        if n < len(rows):
+            keep = sorted(random.Random(0).sample(range(len(rows)), n))
+            rows = [rows[i] for i in keep]
+    return rows, tag

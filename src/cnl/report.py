@@ -29,6 +29,7 @@ class RunRecord:
     epochs: list[int]
     learned: list[int]
     forgotten: list[int]
+    general: list[float] | None = None
 
     @property
     def label(self) -> str:
@@ -49,7 +50,12 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
     if not series.epochs:
         raise CnlError(f"{rundir.root}: summary.csv has no finished epoch yet")
     return RunRecord(
-        path=rundir.root, info=info, epochs=series.epochs, learned=series.learned, forgotten=series.forgotten
+        path=rundir.root,
+        info=info,
+        epochs=series.epochs,
+        learned=series.learned,
+        forgotten=series.forgotten,
+        general=series.general,
     )
 
 
@@ -113,6 +119,8 @@ def build_report(runs: list[RunRecord], *, mixed_forget_sets: bool = False) -> d
             "best_forgotten": r.forgotten[best],
             "best_forgotten_pct": _pct(r.forgotten[best], ft_total),
             "is_baseline": is_baseline(r.info["method"]),
+            "final_general": r.general[-1] if r.general else None,
+            "general_before": r.info.get("general_accuracy_before"),
             "forgetting_reduction_pct": None,
             "baseline_run": None,
         }

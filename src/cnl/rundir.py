@@ -50,11 +50,13 @@ class RunDirError(CnlError):
 
 @dataclass(frozen=True)
 class RunSeries:
-    """Learned and forgotten counts per finished epoch of a run (what reports plot)."""
+    """Learned and forgotten counts per finished epoch of a run (what reports plot), and the accuracy on
+    the general-knowledge set when the run had one (``--general``)."""
 
     epochs: list[int]
     learned: list[int]
     forgotten: list[int]
+    general: list[float] | None = None
 
 
 class RunDir:
@@ -166,7 +168,8 @@ class RunDir:
                 "was cut short); the predictions/ files still hold every finished epoch, and --resume with "
                 "--keep-checkpoint recomputes from the last checkpoint"
             )
-        return RunSeries([r["epoch"] for r in rows], [r[learn] for r in rows], [r[forget] for r in rows])
+        general = [r["general_accuracy"] for r in rows] if rows and "general_accuracy" in rows[0] else None
+        return RunSeries([r["epoch"] for r in rows], [r[learn] for r in rows], [r[forget] for r in rows], general)
 
     # ------------------------------------------------------------------ predictions
     def write_predictions(self, epoch: int, set_name: str, rows: Sequence[Any], letters: Sequence[str]) -> None:

@@ -99,14 +99,20 @@ class ResumeMismatch(ConfigError):
     """``--resume`` on a run directory started with other options, sets or model."""
 
 
-def summary_columns(roles: SetRoles) -> list[str]:
-    """SPEC's columns for the setting, then masked fraction and seconds per phase."""
+#: The set name under which a run keeps its general-knowledge questions (``--general``).
+GENERAL = "general"
+
+
+def summary_columns(roles: SetRoles, general: bool = False) -> list[str]:
+    """SPEC's columns for the setting, then masked fraction, general accuracy (with ``--general``) and
+    seconds per phase."""
     return [
         "epoch",
         "train_avg_loss",
         roles.learn_column,
         roles.forget_column,
         "masked_fraction",
+        *(["general_accuracy"] if general else []),
         "reference_seconds",
         "train_seconds",
         "eval_seconds",
@@ -146,6 +152,11 @@ def train(
         say = stack.enter_context(_run_log(plan.rundir, echo)) if dist.is_main else _silent
         progress = progress if dist.is_main else False
         run = load(plan, model_cfg, model=model, tokenizer=tokenizer, model_tag=model_tag, say=say)
+        if GENERAL in run.encoded and not run.rows and "general_accuracy_before" not in run.info:
+            before = evaluate(run.model, {GENERAL: run.encoded[GENERAL]}, batch_size=cfg.eval_batch_size,
+                              pad_id=run.pad_id, dist=dist, desc="before training", progress=progress)  # fmt: skip
+            run.info["general_accuracy_before"] = round(before[GENERAL].n_correct / len(run.encoded[GENERAL]), 6)
+            run.say(f"general-knowledge accuracy before training: {run.info['general_accuracy_before']:.1%}")
         meter = PeakMemory(next(run.model.parameters()).device)
         meter.reset()  # from here on: what training needs, not the loading of the full weights
         try:
@@ -176,7 +187,7 @@ def train(
                     t0 = time.perf_counter()
                     preds = evaluate(
                         run.model,
-                        {name: run.encoded[name] for name in dict.fromkeys((run.roles.learn, run.roles.forget))},
+                        {name: run.encoded[name] for name in _evaluated_sets(run)},
                         batch_size=cfg.eval_batch_size,
                         pad_id=run.pad_id,
                         dist=dist,
@@ -191,6 +202,11 @@ def train(
             _fail(run, e)
         _finish(run)
     return run.rows
+
+
+def _evaluated_sets(run: Run) -> list[str]:
+    """The learning and forgetting sets, and the general-knowledge set when there is one."""
+    return list(dict.fromkeys((run.roles.learn, run.roles.forget, *([GENERAL] if GENERAL in run.encoded else []))))
 
 
 def _silent(msg: str) -> None:
@@ -259,6 +275,13 @@ def plan_run(
     roles = roles_for(method.resolve_setting(cfg.setting), method.uses_reference)
     files = resolve_set_files(data, roles)
     sets = {name: read_mc_jsonl(path, allow_empty=True) for name, path in files.items()}
+    general_tag = None
+    if data.general:
+        from .data import resolve_general
+
+        if GENERAL in sets:
+            raise ConfigError(f"a set is already called {GENERAL!r}")
+        sets[GENERAL], general_tag = resolve_general(data.general)
     _check_sets_not_empty(method, roles, sets, {k: str(v) for k, v in files.items()}, cfg.batch_size * dist.world)
 
     from .models import resolve_device, resolve_dtype
@@ -274,6 +297,8 @@ def plan_run(
         "model": to_dict(model_cfg),
     }
     set_info = {name: RunDir.describe_set(path, len(sets[name])) for name, path in files.items()}
+    if general_tag is not None:
+        set_info[GENERAL] = {"spec": data.general, "tag": general_tag, "count": len(sets[GENERAL])}
     plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume, data.skip_long_prompts, dist)
     if rundir.exists():
         previous = rundir.read_info()
@@ -334,8 +359,8 @@ def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_inf
             "--resume with a different configuration: "
             + ", ".join(f"{k} was {old_train.get(k)!r}, now {new_train[k]!r}" for k in diff)
         )
-    old_sets = {k: v["sha256"] for k, v in previous["sets"].items()}
-    new_sets = {k: v["sha256"] for k, v in set_info.items()}
+    old_sets = {k: v.get("sha256", v.get("spec")) for k, v in previous["sets"].items()}
+    new_sets = {k: v.get("sha256", v.get("spec")) for k, v in set_info.items()}
     if old_sets != new_sets:
         raise ResumeMismatch("--resume with different set files than the run was started with")
     # The checkpoint holds only the trainable weights (LoRA: the adapters), so a different base model
@@ -433,7 +458,7 @@ def load(
         )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    sources = {name: info["file"] for name, info in plan.set_info.items()}
+    sources = {name: info.get("file", info.get("spec")) for name, info in plan.set_info.items()}
     fitted: list[EncodedSets] = []
 
     def encode(tok: Any, context: int | None) -> None:
@@ -499,7 +524,7 @@ def load(
         rows = _restore(plan.rundir, model, updater, dist)
         if rows:
             say(f"resuming after epoch {len(rows)}")
-    columns = summary_columns(roles)
+    columns = summary_columns(roles, GENERAL in sets)
     if dist.is_main:
         plan.rundir.write_summary(columns, rows)
     info: dict[str, Any] = {
@@ -775,6 +800,7 @@ def record(
         roles.learn_column: learned,
         roles.forget_column: forgotten,
         "masked_fraction": round(masked_fraction, 6),
+        **({"general_accuracy": round(preds[GENERAL].n_correct / len(sets[GENERAL]), 6)} if GENERAL in preds else {}),
         **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()},
         "epoch_seconds": round(epoch_seconds, 3),
     }
@@ -782,7 +808,8 @@ def record(
     if dist.is_main:
         with _disk_full_message(f"the results of epoch {epoch}", "earlier epochs' results and checkpoint are kept"):
             for name, p in preds.items():
-                rundir.write_predictions(epoch, name, sets[name], p.letters)
+                if name != GENERAL:  # its accuracy is the summary column; its predictions are not kept
+                    rundir.write_predictions(epoch, name, sets[name], p.letters)
             rundir.write_summary(run.info["columns"], [*run.rows, row])
     run.rows.append(row)
     run.info["epochs_done"] = epoch
@@ -803,7 +830,9 @@ def record(
     run.say(
         f"epoch {epoch:>3}/{run.cfg.epochs}  loss {row['train_avg_loss']:.4f}  "
         f"learned {learned}/{len(sets[roles.learn])}  forgotten {forgotten}/{len(sets[roles.forget])}  "
-        f"masked {masked_fraction:.1%}  ref {seconds['reference']:.1f}s train {seconds['train']:.1f}s "
+        f"masked {masked_fraction:.1%}  "
+        + (f"general {row['general_accuracy']:.1%}  " if "general_accuracy" in row else "")
+        + f"ref {seconds['reference']:.1f}s train {seconds['train']:.1f}s "
         f"eval {seconds['eval']:.1f}s"
     )
     return row
