@@ -152,11 +152,7 @@ def train(
         say = stack.enter_context(_run_log(plan.rundir, echo)) if dist.is_main else _silent
         progress = progress if dist.is_main else False
         run = load(plan, model_cfg, model=model, tokenizer=tokenizer, model_tag=model_tag, say=say)
-        if GENERAL in run.encoded and not run.rows and "general_accuracy_before" not in run.info:
-            before = evaluate(run.model, {GENERAL: run.encoded[GENERAL]}, batch_size=cfg.eval_batch_size,
-                              pad_id=run.pad_id, dist=dist, desc="before training", progress=progress)  # fmt: skip
-            run.info["general_accuracy_before"] = round(before[GENERAL].n_correct / len(run.encoded[GENERAL]), 6)
-            run.say(f"general-knowledge accuracy before training: {run.info['general_accuracy_before']:.1%}")
+        _general_before(run, progress)
         meter = PeakMemory(next(run.model.parameters()).device)
         meter.reset()  # from here on: what training needs, not the loading of the full weights
         try:
@@ -164,9 +160,7 @@ def train(
             with run.updater.hooked(in_backward):
                 for epoch in range(len(run.rows) + 1, cfg.epochs + 1):
                     t_epoch = time.perf_counter()
-                    reference(run, progress=progress)
-                    with run.updater.paused():
-                        run.plan.method.begin_epoch(run, epoch)
+                    reference(run, epoch, progress=progress)
                     t_ref = time.perf_counter() - t_epoch
                     t0 = time.perf_counter()
                     loss, masked = train_epoch(
@@ -202,6 +196,17 @@ def train(
             _fail(run, e)
         _finish(run)
     return run.rows
+
+
+def _general_before(run: Run, progress: bool | None) -> None:
+    """The general-knowledge accuracy of the untrained model (``--general``), once per run."""
+    if GENERAL not in run.encoded or run.rows or "general_accuracy_before" in run.info:
+        return
+    enc = run.encoded[GENERAL]
+    before = evaluate(run.model, {GENERAL: enc}, batch_size=run.cfg.eval_batch_size, pad_id=run.pad_id,
+                      dist=run.plan.dist, desc="before training", progress=progress)  # fmt: skip
+    run.info["general_accuracy_before"] = round(before[GENERAL].n_correct / len(enc), 6)
+    run.say(f"general-knowledge accuracy before training: {run.info['general_accuracy_before']:.1%}")
 
 
 def _evaluated_sets(run: Run) -> list[str]:
@@ -600,29 +605,30 @@ def _restore(rundir: RunDir, model: torch.nn.Module, updater: ParameterUpdater, 
 
 
 # ================================================================================== 3. an epoch
-def reference(run: Run, *, progress: bool | None = None) -> None:
-    """Give the updater the sign of the mean gradient over the reference set at the current weights
-    (only for methods that use a reference; SPEC §4 step 1)."""
-    name = run.roles.reference
-    if name is None or not run.plan.method.sign_reference:
-        return
+def reference(run: Run, epoch: int, *, progress: bool | None = None) -> None:
+    """SPEC §4 step 1: give the updater the sign of the mean gradient over the reference set at the current
+    weights (CNL), then let the method prepare its epoch (A-GEM's full reference, EWC's Fisher, HFT's draw)."""
     updater = run.updater
-    updater.reference = None
-    params = [p for _, p in updater.params]
+    name = run.roles.reference
+    if name is not None and run.plan.method.sign_reference:
+        updater.reference = None
+        params = [p for _, p in updater.params]
+        with updater.paused():
+            if run.plan.dist.enabled:
+                updater.reference = _sharded_sign_reference(run, run.encoded[name], params)
+            else:
+                updater.reference = sign_reference(
+                    run.model,
+                    run.encoded[name],
+                    params,
+                    pad_id=run.pad_id,
+                    batch_size=run.cfg.ref_batch_size,
+                    storage=run.cfg.sign_storage,
+                    chunks=run.cfg.ref_chunks,
+                    progress=progress,
+                )
     with updater.paused():
-        if run.plan.dist.enabled:
-            updater.reference = _sharded_sign_reference(run, run.encoded[name], params)
-            return
-        updater.reference = sign_reference(
-            run.model,
-            run.encoded[name],
-            params,
-            pad_id=run.pad_id,
-            batch_size=run.cfg.ref_batch_size,
-            storage=run.cfg.sign_storage,
-            chunks=run.cfg.ref_chunks,
-            progress=progress,
-        )
+        run.plan.method.begin_epoch(run, epoch)
 
 
 def _sharded_sign_reference(run: Run, questions: Sequence[Encoded], params: list[torch.nn.Parameter]) -> SignReference:

@@ -45,8 +45,9 @@ class Projection(UpdateHooks):
         if dot < 0 and self.norm_sq > 0:
             scale = dot / self.norm_sq
             for n, p in params:
-                if p.grad is not None and n in self.reference:
-                    p.grad = p.grad.to_dense().sub_(self.reference[n], alpha=scale)
+                if n in self.reference:  # a parameter without a gradient has g = 0 there, and g' = -scale g_ref
+                    g = p.grad.to_dense() if p.grad is not None else torch.zeros_like(self.reference[n])
+                    p.grad = g.sub_(self.reference[n], alpha=scale)
             self.projected += 1
 
 
