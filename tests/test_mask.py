@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from cnl.mask import MaskedOptimizer, SignReference, cnl_conflict, cnl_masked
+from cnl.mask import MaskedOptimizer, SignReference, cnl_conflict, cnl_masked  # MaskedOptimizer: re-exported
 
 
 @pytest.fixture(autouse=True)
@@ -234,35 +234,37 @@ def test_masked_optimizer_equals_spec_update(kind: str, steps: int, storage: str
     gen = torch.Generator().manual_seed(11)
     shapes = [(6, 5), (9,), (3, 3, 2)]
     lr = 0.05
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64) * 3) for s in shapes]
-    ref_t = [random_with_zeros(s, gen, zero_frac=0.2).double() for s in shapes]
+    # float32, as cnl keeps its optimizer state (the spec below computes in float32 too)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 3) for s in shapes]
+    ref_t = [random_with_zeros(s, gen, zero_frac=0.2) for s in shapes]
     ref = SignReference.from_tensors(zip(params, ref_t, strict=True), storage=storage)
     opt = MaskedOptimizer(make_torch_opt(kind, params, lr), ref)
     spec = SpecMasked(kind, lr, [torch.sign(r) for r in ref_t])
     expected = [p.detach().clone() for p in params]
     masked_any = 0
     for _ in range(steps):
-        grads = [random_with_zeros(s, gen, zero_frac=0.1).double() for s in shapes]
+        grads = [random_with_zeros(s, gen, zero_frac=0.1) for s in shapes]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         opt.step()
         expected = spec.step(expected, grads)
         for p, e in zip(params, expected, strict=True):
-            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+            torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-6)
         assert opt.last_masked == spec.last_conflicts
         masked_any += opt.last_masked
         opt.zero_grad()
         assert all(p.grad is None for p in params)
     assert masked_any > 0
     if kind in ("adam", "adamw"):
-        # moments come from the unmasked gradient
+        # moments come from the unmasked gradient (cnl's state layout: m, v, step)
         for i, p in enumerate(params):
-            st = opt.optimizer.state[p]
-            torch.testing.assert_close(st["exp_avg"], spec.m[i], rtol=0, atol=1e-14)
-            torch.testing.assert_close(st["exp_avg_sq"], spec.s[i], rtol=0, atol=1e-14)
+            st = opt.state[p]
+            assert st["step"] == steps
+            torch.testing.assert_close(st["m"], spec.m[i], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(st["v"], spec.s[i], rtol=1e-6, atol=1e-9)
     if kind == "momentum":
         for i, p in enumerate(params):
-            torch.testing.assert_close(opt.optimizer.state[p]["momentum_buffer"], spec.v[i], rtol=0, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["v"], spec.v[i], rtol=1e-6, atol=1e-6)
 
 
 def test_masked_optimizer_leaves_parameters_without_reference_unmasked():

@@ -1,4 +1,4 @@
-"""The README's library snippet (``## The mask in your own training loop``), run as published on a tiny model.
+"""The README's library snippets (``## Use CNL in your own training``), run as published on a tiny model.
 
 The code is not re-typed here: it is extracted from README.md (the first ```python block of that section)
 and executed with the free names it expects bound to tiny, offline data (:data:`SNIPPET_NAMES`). The test
@@ -34,7 +34,9 @@ from cnl.scoring import Encoded, PromptEncoder, batch_losses, predict
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-HEADING = "## The mask in your own training loop"
+HEADING = "### The rule itself: `cnl.mask`"
+#: The section whose first python block is the own-loop example (cnl.MaskedOptimizer + cnl.reference_from).
+LOOP_HEADING = "## Use CNL in your own training"
 
 #: The free names the README snippet uses (what a reader must already have), with what each is here.
 #: If the snippet starts using another name, ``exec`` fails with a NameError naming it: add it here.
@@ -112,7 +114,7 @@ def test_snippet_extraction_fails_clearly(tmp_path: Path) -> None:
         readme_snippet(no_block)
     found = tmp_path / "c.md"
     found.write_text(
-        f"{HEADING}\n```bash\nls\n```\n### sub\n```python\nx = 1\ny = 2\n```\n```python\nz\n```\n", encoding="utf-8"
+        f"{HEADING}\n```bash\nls\n```\n#### sub\n```python\nx = 1\ny = 2\n```\n```python\nz\n```\n", encoding="utf-8"
     )
     assert readme_snippet(found) == ("x = 1\ny = 2\n", 7)
     with pytest.raises(pytest.fail.Exception, match="SNIPPET_NAMES"):
@@ -312,3 +314,77 @@ def test_any_optimizer_part_moves_nothing_against_the_reference(run: Run) -> Non
         moved += int((change != 0).sum())
         frozen += int(((change == 0) & (raw[p] * run.g_m[p] < 0)).sum())
     assert moved > 0 and frozen > 0, (moved, frozen)
+
+
+# ------------------------------------------------------------------------------------------ the own-loop snippet
+
+#: The free names of the own-loop snippet (the first python block under LOOP_HEADING).
+LOOP_NAMES = {
+    "model": "a tiny causal LM (llama arch)",
+    "new_facts": "HF-style batches (input_ids, labels with -100 on the prompt) of questions to teach",
+    "mastered_examples": "HF-style examples (dicts of lists) of the questions to protect",
+    "epochs": "2",
+}
+
+
+def as_lm_example(e: Encoded) -> dict[str, list[int]]:
+    ids = list(e.input_ids)
+    return {"input_ids": [*ids, e.target], "labels": [-100] * len(ids) + [e.target]}
+
+
+def test_own_loop_snippet_masks_every_step_against_the_current_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snippet runs as printed; every step it takes moves nothing against the reference then in use,
+    each epoch's reference is the one of the weights at that epoch's start, and the scheduler drove the lr."""
+    import cnl
+    from cnl.optimizer import MaskedOptimizer
+
+    data = make_data()
+    model = data.model
+    torch.manual_seed(0)
+    mastered = [as_lm_example(e) for batch in data.mastered_batches for e in batch]
+    new_facts = [{k: torch.tensor([v]) for k, v in as_lm_example(b[0]).items()} for b in data.new_facts]
+    steps: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    references: list[tuple[torch.nn.Module, cnl.SignReference]] = []
+    real_reference_from = cnl.reference_from
+
+    def recording_reference_from(m: torch.nn.Module, *args: Any, **kw: Any) -> cnl.SignReference:
+        snapshot = copy.deepcopy(m)
+        ref = real_reference_from(m, *args, **kw)
+        references.append((snapshot, ref))
+        return ref
+
+    class RecordingMasked(MaskedOptimizer):
+        def step(self, closure: Any = None) -> Any:
+            named = list(model.named_parameters())
+            before = {n: p.detach().clone() for n, p in named}
+            signs = {n: self.reference.sign(p) for n, p in named}
+            out = super().step(closure)
+            steps.append((before, {n: p.detach().clone() for n, p in named}, signs))
+            return out
+
+    monkeypatch.setattr(cnl, "MaskedOptimizer", RecordingMasked)
+    monkeypatch.setattr(cnl, "reference_from", recording_reference_from)
+    code, first_line = readme_snippet(heading=LOOP_HEADING)
+    names = {"model": model, "new_facts": new_facts, "mastered_examples": mastered, "epochs": 2}
+    assert set(names) == set(LOOP_NAMES)
+    namespace: dict[str, Any] = {"__name__": "readme_snippet", **names}
+    exec(compile("\n" * (first_line - 1) + code, str(README), "exec"), namespace)  # noqa: S102
+
+    assert len(steps) == 2 * len(new_facts) and len(references) == 2
+    frozen = moved = 0
+    for before, after, signs in steps:
+        for name, r in signs.items():
+            change = after[name] - before[name]
+            assert not bool((change * r > 0).any()), f"{name}: an element moved against the reference"
+            moved += int((change != 0).sum())
+            frozen += int(((change == 0) & (r != 0)).sum())
+    assert moved > 0 and frozen > 0
+    for snapshot, ref in references:  # each epoch's reference: M's mean gradient at that epoch's start
+        fresh = real_reference_from(snapshot, mastered)
+        by_name = dict(snapshot.named_parameters())
+        keyed = dict(model.named_parameters())
+        assert all(torch.equal(fresh.sign(by_name[n]), ref.sign(keyed[n])) for n in by_name)
+    first, second = (ref for _, ref in references)
+    assert not all(torch.equal(first.sign(p), second.sign(p)) for p in model.parameters()), "refreshed per epoch"
+    opt = namespace["opt"]
+    assert opt.param_groups[0]["lr"] < 3e-6, "the scheduler lowered the learning rate"

@@ -22,7 +22,8 @@ Use it in any training loop, with any parameter set::
         ref.mask_(p, p.grad)                # plain SGD: the direction is the gradient
     optimizer.step()
 
-and :class:`MaskedOptimizer` applies the rule to the update of any ``torch.optim`` optimizer.
+and :class:`cnl.MaskedOptimizer` (:mod:`cnl.optimizer`, also importable from here) applies the rule to
+the update of torch's SGD, Adam and AdamW as a real ``torch.optim.Optimizer``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SIGN_STORAGES", "cnl_conflict", "cnl_masked", "SignReference", "MaskedOptimizer"]
+__all__ = ["SIGN_STORAGES", "cnl_conflict", "cnl_masked", "SignReference"]
 
 #: How a :class:`SignReference` stores signs: 2-bit codes (0.25 byte per element) or one int8 each.
 SIGN_STORAGES = ("bits", "int8")
@@ -215,36 +216,11 @@ class SignReference:
         self._signs = dict(zip(keys, state["signs"], strict=True))
 
 
-class MaskedOptimizer:
-    """Apply the CNL rule to the update of any ``torch.optim`` optimizer.
+def __getattr__(name: str) -> Any:
+    # ``from cnl.mask import MaskedOptimizer`` keeps working: the optimizer now lives in
+    # :mod:`cnl.optimizer` (which imports this module, hence the lazy lookup).
+    if name == "MaskedOptimizer":
+        from .optimizer import MaskedOptimizer
 
-    The wrapped optimizer steps as usual (its state, e.g. Adam's moments, is built from the
-    unmasked gradients, as SPEC §4 says); then every element whose update *u* (the step is
-    ``θ ← θ − η u``) satisfies ``u · reference < 0`` is put back to its value before the step.
-    Since the step moves ``θ`` by ``−η u``, that is where the change agrees in sign with the
-    reference. It costs a copy of the parameters during the step; the built-in rules of
-    :mod:`cnl.optim` avoid that and are what ``cnl train`` uses.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, reference: SignReference) -> None:
-        self.optimizer = optimizer
-        self.reference = reference
-        self.last_masked = 0
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """One optimizer step with the conflicting elements left unchanged."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p in self.reference]
-        before = [p.detach().clone() for p in params]
-        self.optimizer.step()
-        masked = 0
-        for p, old in zip(params, before, strict=True):
-            change = p - old  # = -lr * u
-            conflict = self.reference.conflict(p, -change)
-            p.copy_(torch.where(conflict, old, p))
-            masked += int(conflict.sum())
-        self.last_masked = masked
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forward to the wrapped optimizer."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        return MaskedOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
