@@ -403,18 +403,23 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import accuracies, general_sets, load_run_model, write_eval
+    from .evaluation import accuracies, general_sets, load_run_model, run_model_source, write_eval
     from .io import locked_output
     from .models import load_from_config, pad_token_id
     from .scoring import PromptEncoder, encode_sets
 
-    if not args.general:
-        raise CnlError("name at least one set: --general mmlu:500 (NAME[:N] or FILE.jsonl[:N])")
+    if not args.general and not args.lm_eval:
+        raise CnlError(
+            "name at least one set: --general mmlu:500 (NAME[:N] or FILE.jsonl[:N]) or --lm-eval TASK[,TASK...]"
+        )
     _check_batch_size(args.batch_size)
     sets = general_sets(args.general)  # validated before the model loads
     cfg = _model_config(args)
     if args.run is not None and "model" in vars(args):
         raise CnlError("give --run RUN_DIR or --model, not both")
+    if args.run is not None:
+        run_model_source(args.run)  # a run that saved no model fails now, not after the lm-eval datasets
+    lm_tasks = _prepare_lm_eval(args)  # last of the checks (it may download): names, the extra, the datasets
     fitted = []
 
     def encode(tok: Any, context: int | None) -> None:
@@ -427,16 +432,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer, source = load_from_config(cfg, check_tokenizer=encode)
         tag = source.tag
     print(f"model {tag} loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    content: dict[str, Any] = {"model": tag, "run": str(args.run) if args.run else None}
     result = accuracies(model, fitted[0].encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer))
-    print_table(
-        ["set", "questions", "correct", "accuracy"],
-        [[k, v["questions"], v["correct"], f"{v['accuracy']:.1%}"] for k, v in result.items()],
-    )
+    content["sets"] = result
+    if result:
+        print_table(
+            ["set", "questions", "correct", "accuracy"],
+            [[k, v["questions"], v["correct"], f"{v['accuracy']:.1%}"] for k, v in result.items()],
+        )
+    if lm_tasks is not None:
+        content["lm_eval"] = _run_lm_eval(args, lm_tasks, model, tokenizer, blank_line=bool(result))
     if args.out is not None:
         with locked_output(args.out, "cnl eval"):
-            write_eval(args.out, {"model": tag, "run": str(args.run) if args.run else None, "sets": result})
+            write_eval(args.out, content)
         print(f"\nwritten to {args.out}/eval.json")
     return 0
+
+
+def _prepare_lm_eval(args: argparse.Namespace) -> Any:
+    """``--lm-eval``'s tasks checked and built (datasets read), or None without the flag."""
+    if not args.lm_eval:
+        if args.lm_eval_limit is not None or args.lm_eval_include is not None:
+            raise CnlError("--lm-eval-limit and --lm-eval-include go with --lm-eval TASK[,TASK...]")
+        return None
+    from .lm_eval_adapter import parse_tasks, prepare_tasks
+
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        raise CnlError(f"--lm-eval-limit must be at least 1, got {args.lm_eval_limit}")
+    t0 = time.perf_counter()
+    prepared = prepare_tasks(parse_tasks(args.lm_eval), args.lm_eval_include)
+    print(f"lm-eval tasks {', '.join(prepared.names)} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return prepared
+
+
+def _run_lm_eval(args: argparse.Namespace, prepared: Any, model: Any, tokenizer: Any, blank_line: bool) -> dict:
+    """Run the prepared lm-eval tasks; print their table; return eval.json's ``lm_eval`` entry."""
+    from .lm_eval_adapter import evaluate_lm_eval, lm_eval_version
+
+    scores = evaluate_lm_eval(
+        model, tokenizer, prepared, limit=args.lm_eval_limit, batch_size=args.batch_size, device=None
+    )
+    if blank_line:
+        print()
+    print_table(
+        ["lm-eval task", "metric", "value", "stderr", "documents"],
+        [
+            [
+                name,
+                s["metric"],
+                f"{s['value']:.4f}",
+                "-" if s["stderr"] is None else f"{s['stderr']:.4f}",
+                "-" if s["samples"] is None else s["samples"],
+            ]
+            for name, s in scores.items()
+        ],
+    )
+    return {
+        "version": lm_eval_version(),
+        "tasks_requested": prepared.names,
+        "limit": args.lm_eval_limit,
+        "include_path": str(args.lm_eval_include) if args.lm_eval_include is not None else None,
+        "tasks": scores,
+    }
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -446,10 +503,30 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Score a model (--model, default the embedded one) or a run's saved model (--run RUN_DIR; "
         "a LoRA run's adapter is loaded onto its base model) on named or JSONL multiple-choice sets, with "
         "SPEC §2's prediction. --general NAME[:N] samples N questions with a fixed seed (default 500, 'all' for "
-        "every one); the offline copies serve when the hub is unreachable.",
+        "every one); the offline copies serve when the hub is unreachable. --lm-eval runs EleutherAI's "
+        "lm-evaluation-harness tasks on the same model object (the lmeval extra: pip install 'cnl[lmeval]'); "
+        "each task reports acc, or acc_norm where a task has no acc.",
     )
     p.add_argument(
         "--general", action="append", default=[], metavar="SPEC", help="a set: mmlu:500, arc_c, my.jsonl:200"
+    )
+    p.add_argument(
+        "--lm-eval",
+        action="append",
+        default=[],
+        metavar="TASK[,TASK...]",
+        help="lm-evaluation-harness tasks, groups or tags (arc_easy,hellaswag), or task YAML files; "
+        "hub datasets need the internet the first time",
+    )
+    p.add_argument(
+        "--lm-eval-limit", type=int, default=None, metavar="N", help="score only the first N documents of each task"
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder of your own lm-eval task YAML files (e.g. on local JSONL files: no internet needed)",
     )
     p.add_argument("--run", type=Path, default=None, help="a run directory trained with --save-model")
     p.add_argument("--out", type=Path, default=None, help="write eval.json into this directory")
