@@ -32,6 +32,29 @@ class Demo:
     def count_correct(self, questions: list[Encoded]) -> int:
         return predict(self.model, questions, pad_id=self.pad_id, progress=False).n_correct if questions else 0
 
+    def trainer_args(self, output_dir: str) -> dict[str, Any]:
+        """The (SFT)TrainingArguments both Trainer examples share: the loop of ``own_loop.py`` (one question
+        per step, constant lr, AdamW), CPU, nothing saved, and one log line (with CNL's fraction) per epoch."""
+        return {
+            "output_dir": output_dir,
+            "num_train_epochs": self.args.epochs,
+            "per_device_train_batch_size": 1,
+            "optim": "adamw_torch",
+            "learning_rate": self.args.lr,
+            "lr_scheduler_type": "constant",
+            "logging_steps": len(self.injection),
+            "report_to": [],
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "use_cpu": True,
+            "seed": 0,
+        }
+
+    def report_trainer(self, trainer: Any) -> None:
+        """:meth:`report` with the mean of the ``cnl_masked_fraction`` values the Trainer logged."""
+        fractions = [e["cnl_masked_fraction"] for e in trainer.state.log_history if "cnl_masked_fraction" in e]
+        self.report(sum(fractions) / len(fractions) if fractions else None)
+
     def report(self, masked_fraction: float | None) -> None:
         """Print the after line: learned (of I), forgotten (of M) and the share of updates CNL froze."""
         learned = self.count_correct(self.injection)

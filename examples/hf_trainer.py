@@ -31,29 +31,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model=demo.model,
-            args=TrainingArguments(
-                output_dir=out,
-                num_train_epochs=args.epochs,
-                per_device_train_batch_size=1,
-                optim="adamw_torch",
-                learning_rate=args.lr,
-                lr_scheduler_type="constant",
-                logging_steps=len(demo.injection),
-                report_to=[],
-                save_strategy="no",
-                disable_tqdm=True,
-                use_cpu=True,
-                seed=0,
-            ),
+            args=TrainingArguments(**demo.trainer_args(out)),
             train_dataset=Dataset.from_list([as_example(q) for q in demo.injection]),
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         )
         if not args.no_cnl:
             cnl.protect(trainer, [as_example(q) for q in demo.mastered])  # reference recomputed every epoch
         trainer.train()
-    # cnl_masked_fraction: logged once per epoch here (logging_steps = steps per epoch)
-    fractions = [e["cnl_masked_fraction"] for e in trainer.state.log_history if "cnl_masked_fraction" in e]
-    demo.report(sum(fractions) / len(fractions) if fractions else None)
+    demo.report_trainer(trainer)
 
 
 if __name__ == "__main__":

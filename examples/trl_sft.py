@@ -41,19 +41,9 @@ def main() -> None:
         trainer = SFTTrainer(
             model=demo.model,
             args=SFTConfig(
-                output_dir=out,
-                num_train_epochs=args.epochs,
-                per_device_train_batch_size=1,
-                learning_rate=args.lr,
-                lr_scheduler_type="constant",
+                **demo.trainer_args(out),
                 gradient_checkpointing=False,  # a small model: recomputing activations only costs time
                 bf16=False,
-                logging_steps=len(demo.injection),
-                report_to=[],
-                save_strategy="no",
-                disable_tqdm=True,
-                use_cpu=True,
-                seed=0,
             ),
             train_dataset=Dataset.from_list([as_chat(r) for r in demo.injection_rows]),
             processing_class=demo.tokenizer,
@@ -61,8 +51,7 @@ def main() -> None:
         if not args.no_cnl:
             cnl.protect(trainer, [as_chat(r) for r in demo.mastered_rows])  # reference recomputed every epoch
         trainer.train()
-    fractions = [e["cnl_masked_fraction"] for e in trainer.state.log_history if "cnl_masked_fraction" in e]
-    demo.report(sum(fractions) / len(fractions) if fractions else None)
+    demo.report_trainer(trainer)
 
 
 if __name__ == "__main__":

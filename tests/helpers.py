@@ -42,3 +42,17 @@ SPEC_OPTIMIZERS = {
     "lora": ("sgd", "momentum", "adamw"),
     "replay": ("sgd",),
 }
+
+
+def cnl_adam_train_args(
+    model_dir: Path, out: Path, mastered: Path, injection: Path, *extra: str, epochs: int = 3
+) -> list[str]:
+    """``cnl train`` argv: cnl/adam at lr 1e-3 on a tiny model directory, in-set on ``mastered`` and
+    ``injection``, CPU (flags in ``extra`` come last, so they override these)."""
+    return [
+        "train",
+        *("--model", str(model_dir), "--device", "cpu", "--out", str(out)),
+        *("--method", "cnl", "--optimizer", "adam", "--lr", "1e-3", "--epochs", str(epochs)),
+        *("--mastered", str(mastered), "--injection", str(injection)),
+        *extra,
+    ]

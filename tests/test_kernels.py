@@ -89,6 +89,44 @@ def test_parallel_ranges_and_flush_denormal(optimizer, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_updates_inside_the_backward_pass_split_only_large_tensors(monkeypatch):
+    """ParameterUpdater's hooks run the kernels under in_backward(): tensors below
+    PARALLEL_MIN_IN_BACKWARD stay on the calling thread there, and are split outside it."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 64)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_IN_BACKWARD", 4096)
+    submitted: list[int] = []
+    real_pool = cpu._pool
+
+    class Counting:
+        def __init__(self, pool):
+            self.pool = pool
+
+        def submit(self, *args):
+            submitted.append(1)
+            return self.pool.submit(*args)
+
+    monkeypatch.setattr(cpu, "_pool", lambda size: Counting(real_pool(size)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small, large = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(10_000))
+        updater = ParameterUpdater([("small", small), ("large", large)], make_rule("sgd"), 0.1)
+        reference = SignReference.from_tensors([(small, torch.randn(1000)), (large, torch.randn(10_000))])
+        updater.reference = reference
+        with updater.hooked():
+            (small.sum() + large.sum()).backward()  # both update inside the backward pass
+        inside = len(submitted)
+        submitted.clear()
+        for p in (small, large):
+            p.grad = torch.ones_like(p)
+        updater.step()  # the same updates outside it
+        outside = len(submitted)
+    finally:
+        torch.set_num_threads(before)
+    assert inside == 1, "inside the backward pass only the large tensor is split (one range handed off)"
+    assert outside == 2, "outside it both tensors are split"
+
+
 def test_frozen_elements_do_not_move_and_others_move_like_sgd():
     gen = torch.Generator().manual_seed(0)
     n = 3 * BLOCK + 5

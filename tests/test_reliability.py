@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import cnl_adam_train_args
 
 import cnl.io
 import cnl.models
@@ -58,28 +59,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def train_args(model_dir: Path, sets: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """``cnl train`` of cnl/adam for 3 epochs on ``sets`` (later flags override these)."""
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--method",
-        "cnl",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "1e-3",
-        "--epochs",
-        str(EPOCHS),
-        "--mastered",
-        str(sets["mastered"]),
-        "--injection",
-        str(sets["injection"]),
-        *extra,
-    ]
+    return cnl_adam_train_args(model_dir, out, sets["mastered"], sets["injection"], *extra, epochs=EPOCHS)
 
 
 def read_rows(run: Path) -> list[dict[str, str]]:

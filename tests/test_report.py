@@ -396,3 +396,17 @@ def test_mixed_forgetting_sets_compare_in_percent(tmp_path: Path) -> None:
     assert row["forgetting_reduction_pct"] == pytest.approx(60.0)  # (50% - 20%) / 50%
     md = render_markdown(rep)
     assert "forgets on" in md and "mastered2 (30)" in md
+    # the curves follow: forgetting in percent of each run's own set, not counts on one axis
+    import matplotlib.pyplot as plt
+
+    fig = plot_curves([load_run_record(ft), load_run_record(replay)], tmp_path / "curves.png")
+    try:
+        _, ax_f = fig.axes
+        assert [list(line.get_ydata()) for line in ax_f.lines] == [[10.0, 50.0], [10.0, 20.0]]
+        assert "%" in ax_f.get_title() and "mastered2" in ax_f.lines[1].get_label()
+        assert [t.get_text() for t in ax_f.get_legend().get_texts()] in (
+            ["replay-sgd: of mastered2 (30)"],
+            ["ft-sgd: of mastered (60)"],  # a tie: either set may be called the common one
+        )
+    finally:
+        plt.close(fig)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import SPEC_OPTIMIZERS, umask
+from helpers import SPEC_OPTIMIZERS, cnl_adam_train_args, umask
 from transformers import AutoModelForCausalLM
 
 import cnl.train as T
@@ -412,25 +412,8 @@ def test_engine_variants_give_the_same_numbers(tmp_path, sets, variant):
 
 # ------------------------------------------------------------------------------------------------ resume
 def cli_train_args(model_dir: Path, sets: dict, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--method",
-        "cnl",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "1e-3",
-        "--epochs",
-        "3",
-        *data_flags(sets, ("mastered", "injection")),
-        *extra,
-    ]
+    files = sets["files"]
+    return cnl_adam_train_args(model_dir, out, files["mastered"], files["injection"], *extra)
 
 
 _KILLABLE = textwrap.dedent(

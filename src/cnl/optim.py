@@ -24,6 +24,7 @@ import torch
 
 from . import kernels
 from .distributed import local
+from .kernels.cpu import in_backward
 from .mask import SignReference
 
 __all__ = [
@@ -354,7 +355,8 @@ class ParameterUpdater:
 
         def hook(p: torch.Tensor) -> None:
             if self.enabled:
-                self.update(p)
+                with in_backward():  # the fused CPU kernels split fewer tensors across threads here
+                    self.update(p)
 
         for _, p in self.params:
             self._handles.append(p.register_post_accumulate_grad_hook(hook))

@@ -8,6 +8,7 @@ For every run: method, optimizer, setting, learned (count and % of the learning 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,10 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
     return "\n".join(lines) + "\n"
 
 
+def _forget_key(run: RunRecord) -> tuple[str, int]:
+    return run.info["forget_set"], run.info["forget_total"]
+
+
 def plot_curves(runs: list[RunRecord], path: str | Path) -> Any:
     """Learned and forgotten per epoch for every run on shared axes; returns the matplotlib figure."""
     import matplotlib
@@ -262,18 +267,34 @@ def plot_curves(runs: list[RunRecord], path: str | Path) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Runs that forget on different sets (replay and the out-of-set settings: M2; in-set: M) are drawn
+    # in percent of each run's own set, as the report compares them; counts would mislead.
+    mixed = len({_forget_key(r) for r in runs}) > 1
     fig, (ax_l, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for r in runs:
         (line,) = ax_l.plot(r.epochs, r.learned, marker="o", ms=3, label=f"{r.name} ({r.label})")
-        ax_f.plot(r.epochs, r.forgotten, marker="o", ms=3, color=line.get_color(), label=f"{r.name} ({r.label})")
+        total = r.info["forget_total"]
+        forgotten = [100.0 * f / total if total else 0.0 for f in r.forgotten] if mixed else r.forgotten
+        suffix = f", of {r.info['forget_set']}" if mixed else ""
+        ax_f.plot(r.epochs, forgotten, marker="o", ms=3, color=line.get_color(), label=f"{r.name} ({r.label}{suffix})")
     info = runs[0].info
     ax_l.set_title(f"learned: {info['learn_set']} answered correctly (of {info['learn_total']})")
-    ax_f.set_title(f"forgotten: {info['forget_set']} answered wrongly (of {info['forget_total']})")
+    if mixed:
+        common = Counter(_forget_key(r) for r in runs).most_common(1)[0][0]
+        ax_f.set_title(f"forgotten: % of {common[0]} ({common[1]}) answered wrongly")
+        ax_f.set_ylabel("% of the run's forgetting set (legend: another set)")
+        # a legend for the runs on another set only: the left panel's legend names every run
+        marked = [(line, r) for line, r in zip(ax_f.lines, runs, strict=True) if _forget_key(r) != common]
+        labels = [f"{r.name}: of {r.info['forget_set']} ({r.info['forget_total']})" for _, r in marked]
+        ax_f.legend([line for line, _ in marked], labels, fontsize=8)
+    else:
+        ax_f.set_title(f"forgotten: {info['forget_set']} answered wrongly (of {info['forget_total']})")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_l, ax_f):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax is ax_l or not mixed:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
