@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnl.optim import ParameterUpdater, make_rule
+from cnl.optimizer import build_optimizer
 from cnl.scoring import Encoded, batch_losses
 from cnl.train import evaluate, sign_reference, train_epoch
 
@@ -222,9 +222,10 @@ def cnl_train(
     fused: bool = True,
     optimizer: str = "sgd",
 ) -> float:
-    updater = ParameterUpdater(model.named_parameters(), make_rule(optimizer), lr, reference=ref, fused=fused)
-    with updater.hooked():
-        loss, _ = train_epoch(model, train_set, updater, progress=False)
+    opt = build_optimizer(model.named_parameters(), optimizer, lr, fused=fused)
+    opt.reference = ref
+    with opt.in_backward():
+        loss, _ = train_epoch(model, train_set, opt, progress=False)
     return loss
 
 

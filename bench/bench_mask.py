@@ -30,7 +30,7 @@ import _common as C  # noqa: E402
 
 from cnl import kernels  # noqa: E402
 from cnl.mask import SignReference  # noqa: E402
-from cnl.optim import ParameterUpdater, make_rule  # noqa: E402
+from cnl.optimizer import build_optimizer  # noqa: E402
 
 LR = 1e-5
 
@@ -61,18 +61,17 @@ def timed(step, repeats: int, device: torch.device) -> float:
 class CnlStep:
     def __init__(self, params, grads, optimizer: str, reference, fused: bool) -> None:
         self.params, self.grads = params, grads
-        self.updater = ParameterUpdater(
-            [(str(i), p) for i, p in enumerate(params)], make_rule(optimizer), LR, reference=reference, fused=fused
-        )
+        self.optimizer = build_optimizer([(str(i), p) for i, p in enumerate(params)], optimizer, LR, fused=fused)
+        self.optimizer.reference = reference
         self.prepare()
-        self.updater.step()  # first step allocates the optimizer state; not timed
+        self.optimizer.step()  # first step allocates the optimizer state; not timed
 
     def prepare(self) -> None:
         for p, g in zip(self.params, self.grads, strict=True):
             p.grad = g
 
     def run(self) -> None:
-        self.updater.step()
+        self.optimizer.step()
 
 
 class TorchStep:

@@ -89,11 +89,12 @@ def worker_updates(args: argparse.Namespace) -> dict:
                         p.copy_(start[n])
                 if impl == "cnl":
                     ref = sign if method == "cnl" else None
-                    from cnl.optim import ParameterUpdater, make_rule
+                    from cnl.optimizer import build_optimizer
                     from cnl.train import train_epoch
 
-                    up = ParameterUpdater(model.named_parameters(), make_rule(optimizer), args.lr, reference=ref)
-                    with up.hooked():
+                    up = build_optimizer(model.named_parameters(), optimizer, args.lr)
+                    up.reference = ref
+                    with up.in_backward():
                         train_epoch(model, i_enc[:warm], up, progress=False)
                         t0 = time.perf_counter()
                         train_epoch(model, i_enc[warm:], up, progress=False)

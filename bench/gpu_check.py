@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from cnl import kernels  # noqa: E402
 from cnl.mask import SignReference  # noqa: E402
-from cnl.optim import ParameterUpdater, make_rule  # noqa: E402
+from cnl.optimizer import build_optimizer  # noqa: E402
 
 SPECIALS = [0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1.0, -1.0, 1e-20]
 
@@ -55,11 +55,12 @@ def exactness() -> bool:
                     if storage:
                         ref = SignReference(storage)
                         ref.set(p, edge(n, gen))
-                    up = ParameterUpdater([("p", p)], make_rule(opt), 1e-3, reference=ref, fused=fused)
+                    up = build_optimizer([("p", p)], opt, 1e-3, fused=fused)
+                    up.reference = ref
                     for _ in range(3):
                         p.grad = edge(n, gen)
-                        up.update(p)
-                    out.append((p.detach().view(torch.int32).clone(), up.pop_masked()))
+                        up.step_parameter(p)
+                    out.append((p.detach().view(torch.int32).clone(), up.pop_counts()[0]))
                 diff = int((out[0][0] != out[1][0]).sum())
                 ok &= diff == 0 and out[0][1] == out[1][1]
                 print(f"   n={n:<8} {opt:<9} {storage!s:<5} differing {diff}, frozen {out[0][1]} vs {out[1][1]}")

@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cnl.cli import main
 
@@ -56,3 +61,78 @@ def cnl_adam_train_args(
         *("--mastered", str(mastered), "--injection", str(injection)),
         *extra,
     ]
+
+
+# ------------------------------------------------------------------------------------ a second process
+#: ``cnl train`` in a child process that blocks (writing ``marker``) at training sample ``stop_at``.
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    import cnl.train as T
+    from cnl.cli import main
+    stop_at, marker = int(sys.argv[1]), sys.argv[2]
+    orig, calls = T.batch_losses, [0]
+    def slow(*a, **k):
+        calls[0] += 1
+        if calls[0] == stop_at:
+            with open(marker, "w") as f:
+                f.write("blocked")
+            time.sleep(600)
+        return orig(*a, **k)
+    T.batch_losses = slow
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+
+
+@contextlib.contextmanager
+def blocked_child(tmp_path: Path, argv: list[str], stop_at: int) -> Iterator[subprocess.Popen]:
+    """A child ``cnl <argv>`` blocked at its ``stop_at``-th training loss (``n_train + 3``: in epoch 2, after
+    two of its updates), yielded once it is blocked there; killed on exit if still alive."""
+    marker = tmp_path / "child.marker"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    log_path = tmp_path / "child.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(stop_at), str(marker), *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not marker.exists():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, f"the child did not reach training loss {stop_at} in time"
+                time.sleep(0.05)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# ------------------------------------------------------------------------------------ training a tiny model
+def train_tiny(
+    out: Path, files: dict[str, Path], *, model: Any, tokenizer: Any, resume: bool = False, **cfg: Any
+) -> list[dict[str, Any]]:
+    """:func:`cnl.train.train` on a model in memory, on the CPU, quietly; ``cfg`` are training options in any
+    of their forms (``method="lora", lora_r=4``), ``files`` the set files by name (``mastered=...``)."""
+    import cnl.train as T
+    from cnl.config import DataConfig, ModelConfig
+    from cnl.resolve import train_config
+
+    return T.train(
+        train_config(**cfg),
+        DataConfig(**{k: str(v) for k, v in files.items()}),
+        ModelConfig(device="cpu"),
+        out,
+        resume=resume,
+        model=model,
+        tokenizer=tokenizer,
+        model_tag="tiny",
+        progress=False,
+        echo=False,
+    )

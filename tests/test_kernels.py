@@ -10,7 +10,7 @@ import torch
 from cnl import kernels
 from cnl.kernels import cpu
 from cnl.mask import BLOCK, SignReference
-from cnl.optim import ParameterUpdater, make_rule
+from cnl.optimizer import build_optimizer
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 STORAGES = (None, "bits", "int8")
@@ -40,14 +40,15 @@ def run_rule(optimizer: str, storage: str | None, n: int, fused: bool, steps: in
     if storage is not None:
         reference = SignReference(storage)
         reference.set(p, edge_tensor(n, gen).view_as(p))
-    rule = make_rule(optimizer)
-    updater = ParameterUpdater([("p", p)], rule, 1e-3, reference=reference, fused=fused)
+    opt = build_optimizer([("p", p)], optimizer, 1e-3, fused=fused)
+    opt.reference = reference
     frozen = []
     for _ in range(steps):
         p.grad = edge_tensor(n, gen).view_as(p)
-        updater.update(p)
-        frozen.append(updater.pop_masked())
-    return p.detach().clone(), dict(rule.state.get("p", {})), frozen
+        opt.step_parameter(p)
+        assert p.grad is None
+        frozen.append(opt.pop_counts())
+    return p.detach().clone(), dict(opt.state.get(p, {})), frozen
 
 
 def assert_identical(a, b) -> None:
@@ -90,7 +91,7 @@ def test_parallel_ranges_and_flush_denormal(optimizer, monkeypatch):
 
 
 def test_updates_inside_the_backward_pass_split_only_large_tensors(monkeypatch):
-    """ParameterUpdater's hooks run the kernels under in_backward(): tensors below
+    """MaskedOptimizer's backward-pass hooks run the kernels under cpu.in_backward(): tensors below
     PARALLEL_MIN_IN_BACKWARD stay on the calling thread there, and are split outside it."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 64)
     monkeypatch.setattr(cpu, "PARALLEL_MIN_IN_BACKWARD", 4096)
@@ -110,16 +111,17 @@ def test_updates_inside_the_backward_pass_split_only_large_tensors(monkeypatch):
     torch.set_num_threads(2)
     try:
         small, large = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(10_000))
-        updater = ParameterUpdater([("small", small), ("large", large)], make_rule("sgd"), 0.1)
+        opt = build_optimizer([("small", small), ("large", large)], "sgd", 0.1)
         reference = SignReference.from_tensors([(small, torch.randn(1000)), (large, torch.randn(10_000))])
-        updater.reference = reference
-        with updater.hooked():
+        opt.reference = reference
+        with opt.in_backward():
             (small.sum() + large.sum()).backward()  # both update inside the backward pass
+        assert small.grad is None and large.grad is None  # so they really were updated there
         inside = len(submitted)
         submitted.clear()
         for p in (small, large):
             p.grad = torch.ones_like(p)
-        updater.step()  # the same updates outside it
+        opt.step()  # the same updates outside it
         outside = len(submitted)
     finally:
         torch.set_num_threads(before)
@@ -162,11 +164,16 @@ def test_other_dtypes_fall_back_to_the_eager_rule(optimizer):
         gen = torch.Generator().manual_seed(1)
         p = torch.nn.Parameter(torch.randn(300, generator=gen).to(torch.bfloat16))
         ref = SignReference.from_tensors([(p, torch.randn(300, generator=gen))])
-        up = ParameterUpdater([("p", p)], make_rule(optimizer), 1e-2, reference=ref, fused=fused)
+        opt = build_optimizer([("p", p)], optimizer, 1e-2, fused=fused)
+        opt.reference = ref
         p.grad = torch.randn(300, generator=gen).to(torch.bfloat16)
-        up.update(p)
-        results.append((p.detach().clone(), up.pop_masked()))
+        opt.step_parameter(p)
+        results.append((p.detach().clone(), opt.pop_counts()[0], dict(opt.state.get(p, {}))))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+    assert 0 < results[0][1] < 300
+    assert results[0][2].keys() == results[1][2].keys()
+    for k, v in results[0][2].items():
+        assert v.dtype == torch.float32 and torch.equal(v, results[1][2][k]), k  # moments in float32
 
 
 def test_library_is_cached_and_eager_env_turns_it_off(monkeypatch, tmp_path, caplog):

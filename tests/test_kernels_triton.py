@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from cnl.kernels import triton_kernels as T
     from cnl.mask import SignReference
-    from cnl.optim import ParameterUpdater, make_rule
+    from cnl.optimizer import build_optimizer
     import cnl.kernels as K
 
     def eager(optimizer, storage, n, steps, gen_seed):
@@ -33,13 +33,13 @@ SCRIPT = textwrap.dedent(
         r = torch.randn(n, generator=gen); r[::5] = 0
         if ref is not None:
             ref.set(p, r)
-        rule = make_rule(optimizer)
-        up = ParameterUpdater([("p", p)], rule, 1e-2, reference=ref, fused=False)
+        opt = build_optimizer([("p", p)], optimizer, 1e-2, fused=False)
+        opt.reference = ref
         grads = []
         for _ in range(steps):
             g = torch.randn(n, generator=gen); g[::7] = 0
-            grads.append(g.clone()); p.grad = g; up.update(p)
-        return p.detach(), rule.state.get("p", {}), up.pop_masked(), grads, ref
+            grads.append(g.clone()); p.grad = g; opt.step_parameter(p)
+        return p.detach(), opt.state.get(p, {}), opt.pop_counts()[0], grads, ref
 
     for optimizer in ("sgd", "momentum", "adam", "adamw"):
         for storage in (None, "bits", "int8"):
@@ -64,7 +64,11 @@ SCRIPT = textwrap.dedent(
             assert total == frozen, (optimizer, storage, total, frozen)
             torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6)
             if optimizer == "momentum":
-                assert torch.equal(v, st["v"])
+                assert torch.equal(v, st["momentum_buffer"])
+            if optimizer in ("adam", "adamw"):
+                assert st["step"] == len(grads)
+                torch.testing.assert_close(m, st["exp_avg"], rtol=1e-5, atol=1e-8)
+                torch.testing.assert_close(v, st["exp_avg_sq"], rtol=1e-5, atol=1e-10)
             print("ok", optimizer, storage, frozen)
     """
 )

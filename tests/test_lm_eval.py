@@ -18,8 +18,8 @@ from helpers import run_cli
 pytest.importorskip("lm_eval")  # a guard only: scripts/setup.sh installs the lmeval extra
 
 from cnl.config import ModelConfig  # noqa: E402
-from cnl.evaluation import load_run_model  # noqa: E402
 from cnl.lm_eval_adapter import evaluate_lm_eval, parse_tasks  # noqa: E402
+from cnl.loading import load_for_sets  # noqa: E402
 from cnl.models import load_from_config  # noqa: E402
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl  # noqa: E402
 
@@ -168,7 +168,8 @@ def test_cli_with_a_lora_run_and_general(tmp_path, task_dir, tiny_qwen2_dir):
     content = json.loads((out / "eval.json").read_text())
     assert content["sets"][str(files["g"])]["questions"] == 12  # cnl's own check sits beside lm-eval's
     got = content["lm_eval"]["tasks"][TASK]
-    model, tok, _ = load_run_model(run, ModelConfig(device="cpu"))  # the adapter on its base model
+    loaded = load_for_sets(ModelConfig(device="cpu"), {}, run_dir=run)  # the adapter on its base model
+    model, tok = loaded.model, loaded.tokenizer
     assert type(model).__name__.startswith("Peft")
     acc, _, gap = reference_accuracy(model, tok, 5)
     assert gap > 1e-3

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from cnl.mask import MaskedOptimizer, SignReference, cnl_conflict, cnl_masked  # MaskedOptimizer: re-exported
+from cnl import MaskedOptimizer
+from cnl.mask import SignReference, cnl_conflict, cnl_masked
 
 
 @pytest.fixture(autouse=True)
@@ -256,15 +257,17 @@ def test_masked_optimizer_equals_spec_update(kind: str, steps: int, storage: str
         assert all(p.grad is None for p in params)
     assert masked_any > 0
     if kind in ("adam", "adamw"):
-        # moments come from the unmasked gradient (cnl's state layout: m, v, step)
+        # moments come from the unmasked gradient (torch's state layout: step, exp_avg, exp_avg_sq)
         for i, p in enumerate(params):
             st = opt.state[p]
+            assert set(st) == {"step", "exp_avg", "exp_avg_sq"}
             assert st["step"] == steps
-            torch.testing.assert_close(st["m"], spec.m[i], rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(st["v"], spec.s[i], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(st["exp_avg"], spec.m[i], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(st["exp_avg_sq"], spec.s[i], rtol=1e-6, atol=1e-9)
     if kind == "momentum":
         for i, p in enumerate(params):
-            torch.testing.assert_close(opt.state[p]["v"], spec.v[i], rtol=1e-6, atol=1e-6)
+            assert set(opt.state[p]) == {"momentum_buffer"}
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], spec.v[i], rtol=1e-6, atol=1e-6)
 
 
 def test_masked_optimizer_leaves_parameters_without_reference_unmasked():
@@ -279,4 +282,5 @@ def test_masked_optimizer_leaves_parameters_without_reference_unmasked():
     opt.step()
     assert torch.equal(a.detach(), a0)
     assert opt.last_masked == 4
+    assert opt.pop_counts() == (4, 8)  # every updated element counts, with a stored sign or not (b's too)
     torch.testing.assert_close(b.detach(), b0 - 0.1)

@@ -1,4 +1,5 @@
-"""Tests for :mod:`cnl.optim`: every update rule of SPEC §4 through :class:`ParameterUpdater`.
+"""Tests for :mod:`cnl.optim`: every update rule of SPEC §4, driven through :class:`cnl.MaskedOptimizer`
+(:func:`cnl.optimizer.build_optimizer`, as ``cnl train`` builds it).
 
 Expected values are computed in the tests from SPEC's formulas (in float64, from the same inputs),
 never with the code under test.
@@ -7,13 +8,15 @@ never with the code under test.
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cnl.mask import SignReference
-from cnl.optim import OPTIMIZERS, AdamRule, MomentumRule, ParameterUpdater, SGDRule, make_rule
+from cnl.optim import OPTIMIZERS, AdamRule, MomentumRule, SGDRule, UpdateHooks, make_rule
+from cnl.optimizer import MaskedOptimizer, build_optimizer
 from cnl.testing import make_tiny_model
 
 LR = 0.05
@@ -73,13 +76,14 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def make_updater(module, kind, ref_tensors=None, storage="bits", lr=LR) -> ParameterUpdater:
-    ref = None
+def make_opt(module, kind, ref_tensors=None, storage="bits", lr=LR, fused=True) -> MaskedOptimizer:
+    """``cnl train``'s optimizer over ``module``'s parameters, masked by the signs of ``ref_tensors`` (by name)."""
+    opt = build_optimizer(module.named_parameters(), kind, lr, fused=fused)
     if ref_tensors is not None:
-        ref = SignReference(storage)
-        for n, p in module.named_parameters():
-            ref.set(p, ref_tensors[n])
-    return ParameterUpdater(module.named_parameters(), make_rule(kind), lr, ref)
+        opt.reference = SignReference.from_tensors(
+            ((p, ref_tensors[n]) for n, p in module.named_parameters()), storage=storage
+        )
+    return opt
 
 
 def set_grads(module, grads):
@@ -87,26 +91,39 @@ def set_grads(module, grads):
         p.grad = grads[n].clone()
 
 
+def step(opt: MaskedOptimizer) -> None:
+    """A whole step after the backward pass, then the gradients freed (``step`` itself keeps them)."""
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 # --------------------------------------------------------------------------------------------- one step
+@pytest.mark.parametrize("how", ["step", "step_parameter"])
 @pytest.mark.parametrize("masked", [False, True], ids=["ft", "cnl"])
 @pytest.mark.parametrize("kind", OPTIMIZERS)
-def test_one_step_equals_spec(kind: str, masked: bool):
+def test_one_step_equals_spec(kind: str, masked: bool, how: str):
     gen = torch.Generator().manual_seed(1)
     lin = linear()
     grads = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()}
     ref = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()} if masked else None
-    up = make_updater(lin, kind, ref)
+    opt = make_opt(lin, kind, ref)
     spec = Spec(kind)
     expected = spec.step(snapshot(lin), grads, ref)
     set_grads(lin, grads)
-    up.step()
+    if how == "step":
+        opt.step()
+        assert all(p.grad is not None for p in lin.parameters())  # torch's contract: step() keeps .grad
+    else:
+        for p in lin.parameters():
+            opt.step_parameter(p)
+            assert p.grad is None  # the per-parameter update frees the gradient at once
     for n, p in lin.named_parameters():
         torch.testing.assert_close(p.detach().double(), expected[n], rtol=0, atol=ATOL)
-        assert p.grad is None  # the gradient is freed by the update
-    n_masked = up.pop_masked()
+    n_masked, n_elements = opt.pop_counts()
+    assert n_elements == 18  # every updated element is counted, masked or not (5·3 weights + 3 biases)
     if masked:
         assert n_masked > 0
-        assert up.pop_masked() == 0  # popped
+        assert opt.pop_counts() == (0, 0)  # popped
     else:
         assert n_masked == 0
 
@@ -116,11 +133,12 @@ def test_masked_count_is_number_of_conflicting_elements():
     lin = linear()
     grads = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()}
     ref = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()}
-    up = make_updater(lin, "sgd", ref)
+    opt = make_opt(lin, "sgd", ref)
     set_grads(lin, grads)
-    up.step()
+    opt.step()
     expected = sum(int((grads[n].double() * ref[n].double() < 0).sum()) for n in grads)
-    assert up.pop_masked() == expected
+    assert opt.last_masked == expected
+    assert opt.pop_counts() == (expected, 18)
 
 
 @pytest.mark.parametrize("storage", ["bits", "int8"])
@@ -128,7 +146,7 @@ def test_momentum_state_is_unmasked_over_three_steps(storage: str):
     gen = torch.Generator().manual_seed(2)
     lin = linear()
     ref = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()}
-    up = make_updater(lin, "momentum", ref, storage)
+    opt = make_opt(lin, "momentum", ref, storage)
     spec = Spec("momentum")
     expected = snapshot(lin)
     v_unmasked = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in lin.named_parameters()}
@@ -136,11 +154,13 @@ def test_momentum_state_is_unmasked_over_three_steps(storage: str):
         grads = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()}
         expected = spec.step(expected, grads, ref)
         set_grads(lin, grads)
-        up.step()
+        step(opt)
         for n, p in lin.named_parameters():
             v_unmasked[n] = 0.9 * v_unmasked[n] + grads[n].double()
             torch.testing.assert_close(p.detach().double(), expected[n], rtol=0, atol=ATOL)
-            state_v = up.rule.state[n]["v"]
+            assert set(opt.state[p]) == {"momentum_buffer"}  # torch's layout
+            state_v = opt.state[p]["momentum_buffer"]
+            assert state_v.dtype == torch.float32
             torch.testing.assert_close(state_v.double(), v_unmasked[n], rtol=0, atol=ATOL)
     # the state really differs from a masked buffer: some masked elements carry a nonzero v
     assert any(bool(((v_unmasked[n] * ref[n].double()) < 0).any()) for n in ref)
@@ -151,7 +171,7 @@ def test_adam_bias_correction_at_steps_one_and_two(kind: str):
     gen = torch.Generator().manual_seed(3)
     lin = linear()
     ref = {n: rand_like_with_zeros(p, gen) for n, p in lin.named_parameters()}
-    up = make_updater(lin, kind, ref)
+    opt = make_opt(lin, kind, ref)
     expected = snapshot(lin)
     m = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in lin.named_parameters()}
     s = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in lin.named_parameters()}
@@ -171,13 +191,18 @@ def test_adam_bias_correction_at_steps_one_and_two(kind: str):
             new[n] = theta.double() - LR * u
         expected = new
         set_grads(lin, grads)
-        up.step()
+        step(opt)
         for n, p in lin.named_parameters():
             torch.testing.assert_close(p.detach().double(), expected[n], rtol=0, atol=ATOL)
-            st = up.rule.state[n]
+            st = opt.state[p]
+            assert set(st) == {"step", "exp_avg", "exp_avg_sq"}  # torch's layout
+            # torch keeps Adam's step as a float32 scalar tensor on the CPU
+            assert isinstance(st["step"], torch.Tensor) and st["step"].dim() == 0
+            assert st["step"].dtype == torch.float32 and st["step"].device.type == "cpu"
             assert st["step"] == t
-            torch.testing.assert_close(st["m"].double(), m[n], rtol=0, atol=ATOL)  # unmasked moments
-            torch.testing.assert_close(st["v"].double(), s[n], rtol=0, atol=1e-8)
+            assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+            torch.testing.assert_close(st["exp_avg"].double(), m[n], rtol=0, atol=ATOL)  # unmasked moments
+            torch.testing.assert_close(st["exp_avg_sq"].double(), s[n], rtol=0, atol=1e-8)
 
 
 def test_adamw_decay_term_is_inside_the_masked_update():
@@ -186,15 +211,15 @@ def test_adamw_decay_term_is_inside_the_masked_update():
     g = torch.tensor([1.0, -1.0, 1.0, -1.0])
     ref_t = torch.tensor([1.0, -1.0, -1.0, 1.0])
     # step 1: m̂/(√v̂+ε) = sign(g) (up to ε), so u = sign(g) + 0.1 θ = [-4, 4, -4, 4]
-    ref = SignReference.from_tensors([(p, ref_t)])
-    up = ParameterUpdater([("p", p)], make_rule("adamw"), 0.01, ref)
+    opt = build_optimizer([("p", p)], "adamw", 0.01)
+    opt.reference = SignReference.from_tensors([(p, ref_t)])
     p.grad = g.clone()
-    up.step()
+    opt.step()
     # elements 0, 1: g agrees with g_M but u (decay included) conflicts -> frozen
     # elements 2, 3: g conflicts with g_M but u agrees -> updated by -lr * u
     expected = torch.tensor([-50.0, 50.0, -50.0 + 0.01 * 4, 50.0 - 0.01 * 4])
     torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
-    assert up.pop_masked() == 2
+    assert opt.pop_counts() == (2, 4)
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)
@@ -213,17 +238,18 @@ def test_all_agreeing_equals_ft_and_all_conflicting_is_frozen(kind: str):
     assert all(bool((v != 0).all()) for v in u.values())
 
     ft, agree, conflict = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    ups = {
-        "ft": make_updater(ft, kind),
-        "agree": make_updater(agree, kind, {n: u[n].float() for n in u}),
-        "conflict": make_updater(conflict, kind, {n: -u[n].float() for n in u}),
+    opts = {
+        "ft": make_opt(ft, kind),
+        "agree": make_opt(agree, kind, {n: u[n].float() for n in u}),
+        "conflict": make_opt(conflict, kind, {n: -u[n].float() for n in u}),
     }
     for name, mod in (("ft", ft), ("agree", agree), ("conflict", conflict)):
         set_grads(mod, grads)
-        ups[name].step()
+        step(opts[name])
     n_elements = sum(p.numel() for p in base.parameters())
-    assert ups["agree"].pop_masked() == 0
-    assert ups["conflict"].pop_masked() == n_elements
+    assert opts["ft"].pop_counts() == (0, n_elements)
+    assert opts["agree"].pop_counts() == (0, n_elements)
+    assert opts["conflict"].pop_counts() == (n_elements, n_elements)
     for (n, p_ft), p_ag, p_cf, p0 in zip(
         ft.named_parameters(), agree.parameters(), conflict.parameters(), base.parameters(), strict=True
     ):
@@ -246,39 +272,46 @@ def test_update_in_backward_equals_backward_then_step(kind: str):
     samples = [(torch.randint(0, 97, (n,), generator=gen), int(t)) for n, t in ((9, 3), (14, 50), (6, 96))]
     ref_tensors = {n: torch.randn(p.shape, generator=gen) for n, p in base.named_parameters()}
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    up_a = make_updater(a, kind, ref_tensors, lr=1e-2)
-    up_b = make_updater(b, kind, ref_tensors, lr=1e-2)
-    up_a.attach()
-    assert up_a.attached
+    opt_a = make_opt(a, kind, ref_tensors, lr=1e-2)
+    opt_b = make_opt(b, kind, ref_tensors, lr=1e-2)
     calls: dict[str, int] = {}
-    orig = up_a.update
+    orig = opt_a.step_parameter
 
     def counting(param):
         if param.grad is not None:
-            name = up_a.names[param]
+            name = opt_a.names[param]
             calls[name] = calls.get(name, 0) + 1
         return orig(param)
 
-    up_a.update = counting  # type: ignore[method-assign]
+    opt_a.step_parameter = counting  # type: ignore[method-assign]  # what the backward-pass hooks call
     a.train()
     b.train()
-    for ids, target in samples:
-        tiny_loss(a, ids, target).backward()  # updated inside backward
-        assert all(p.grad is None for p in a.parameters())  # no gradient kept after a hooked backward
-        tiny_loss(b, ids, target).backward()
-        assert all(p.grad is not None for p in b.parameters())
-        up_b.step()
-        assert all(p.grad is None for p in b.parameters())
+    with opt_a.in_backward():
+        for ids, target in samples:
+            tiny_loss(a, ids, target).backward()  # updated inside backward
+            assert all(p.grad is None for p in a.parameters())  # no gradient kept after a hooked backward
+            tiny_loss(b, ids, target).backward()
+            assert all(p.grad is not None for p in b.parameters())
+            step(opt_b)
+        # paused: the hooks stay registered but update nothing; the gradient accumulates as usual
+        before = snapshot(a)
+        with opt_a.paused():
+            tiny_loss(a, samples[0][0], 1).backward()
+        assert all(p.grad is not None for p in a.parameters())
+        assert all(torch.equal(p, before[n]) for n, p in a.named_parameters())
+        a.zero_grad(set_to_none=True)
     # every parameter, the tied embedding/head included, was updated exactly once per sample
     assert set(calls) == {n for n, _ in a.named_parameters()}
     assert set(calls.values()) == {len(samples)}
-    assert up_a.pop_masked() == up_b.pop_masked() > 0
+    frozen_a, elements_a = opt_a.pop_counts()
+    frozen_b, elements_b = opt_b.pop_counts()
+    assert frozen_a == frozen_b > 0
+    assert elements_a == elements_b == len(samples) * sum(p.numel() for p in a.parameters())
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), n  # same numbers, bit for bit
-    up_a.detach()
-    assert not up_a.attached
     tiny_loss(a, samples[0][0], 1).backward()  # hooks removed: the gradient accumulates again
     assert all(p.grad is not None for p in a.parameters())
+    assert len(calls) == len(dict(a.named_parameters())) and set(calls.values()) == {len(samples)}
 
 
 class TiedLM(torch.nn.Module):
@@ -293,6 +326,16 @@ class TiedLM(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.mix(self.emb(ids).mean(0)))
         return h @ self.emb.weight.t()
+
+
+class Recorder(UpdateHooks):
+    """Hooks that change nothing and record which parameter (by name) each update was for."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def adjust_grad_(self, key, param, grad) -> None:
+        self.seen.append(key)
 
 
 @pytest.mark.parametrize("in_backward", [True, False])
@@ -310,26 +353,19 @@ def test_tied_weight_gets_one_update_with_the_summed_gradient(in_backward: bool)
     )[0]
     assert not torch.allclose(emb_only, grads["emb.weight"])
 
-    up = ParameterUpdater(model.named_parameters(), SGDRule(), 0.5)
-    assert [n for n, _ in up.params] == ["emb.weight", "mix.weight", "mix.bias"]
-    fired: list[str] = []
-    orig = up.update
-
-    def spy(p):
-        fired.append(up.names[p])
-        orig(p)
-
-    up.update = spy  # type: ignore[method-assign]
-    if in_backward:
-        up.attach()
-    loss = F.cross_entropy(model(ids)[None], target[None])
-    loss.backward()
+    recorder = Recorder()  # the hooks see every update, in both modes
+    opt = build_optimizer(model.named_parameters(), "sgd", 0.5, hooks=recorder)
+    assert [n for n, _ in opt.named_parameters()] == ["emb.weight", "mix.weight", "mix.bias"]
+    with opt.in_backward(in_backward):
+        loss = F.cross_entropy(model(ids)[None], target[None])
+        loss.backward()
     if not in_backward:
-        up.step()
-    assert fired.count("emb.weight") == 1
+        opt.step()
+    assert recorder.seen.count("emb.weight") == 1
+    assert sorted(recorder.seen) == sorted(theta0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), theta0[n] - 0.5 * grads[n], rtol=0, atol=1e-7)
-        assert p.grad is None
+        assert (p.grad is None) == in_backward  # freed by the backward-pass update; step() keeps it
 
 
 # ------------------------------------------------------------------------------------------- odds and ends
@@ -342,37 +378,64 @@ def test_make_rule():
     assert make_rule("momentum", momentum=0.5).momentum == 0.5
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_rule("rmsprop")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(linear().named_parameters(), "rmsprop", LR)
 
 
-def test_frozen_and_gradless_parameters_are_skipped():
+def test_frozen_and_gradless_parameters_are_left_alone_and_not_counted():
+    """A parameter without a gradient (frozen, or simply unused) neither moves nor counts as updated.
+
+    (The former ParameterUpdater dropped ``requires_grad=False`` parameters when built; ``cnl train`` now
+    passes only the trainable ones to ``build_optimizer``, and a frozen one given anyway is skipped.)"""
     lin = linear()
     lin.bias.requires_grad_(False)
-    up = ParameterUpdater(lin.named_parameters(), make_rule("sgd"), LR)
-    assert [n for n, _ in up.params] == ["weight"]
-    assert up.n_elements == 15
-    w0 = lin.weight.detach().clone()
-    up.step()  # no gradient at all: nothing happens
-    assert torch.equal(lin.weight, w0)
+    opt = build_optimizer(lin.named_parameters(), "sgd", LR)
+    assert [n for n, _ in opt.named_parameters()] == ["weight", "bias"]
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    opt.step()  # no gradient at all: nothing happens
+    assert torch.equal(lin.weight, w0) and torch.equal(lin.bias, b0)
+    assert opt.pop_counts() == (0, 0) and opt.pop_masked_fraction() is None
+    lin(torch.randn(2, 5)).sum().backward()
+    assert lin.bias.grad is None
+    step(opt)
+    assert not torch.equal(lin.weight, w0) and torch.equal(lin.bias, b0)
+    assert opt.pop_counts() == (0, 15)  # only the weight (5·3) was updated
 
 
-@pytest.mark.parametrize("kind", ["momentum", "adamw"])
-def test_rule_state_round_trip_continues_identically(kind: str):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_state_dict_round_trip_continues_identically(kind: str, fused: bool):
+    """MaskedOptimizer.state_dict() (through torch.save) into a fresh optimizer: it continues bit for bit."""
     gen = torch.Generator().manual_seed(9)
     a = linear()
-    up_a = make_updater(a, kind)
-    grads1 = {n: torch.randn(p.shape, generator=gen) for n, p in a.named_parameters()}
-    grads2 = {n: torch.randn(p.shape, generator=gen) for n, p in a.named_parameters()}
-    set_grads(a, grads1)
-    up_a.step()
-    b = copy.deepcopy(a)
-    up_b = make_updater(b, kind)
-    up_b.rule.load_state_dict(copy.deepcopy(up_a.rule.state_dict()), torch.device("cpu"))
-    set_grads(a, grads2)
-    set_grads(b, grads2)
-    up_a.step()
-    up_b.step()
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.equal(pa, pb)
+    ref = {n: rand_like_with_zeros(p, gen) for n, p in a.named_parameters()}
+    opt_a = make_opt(a, kind, ref, fused=fused)
+    grads = [{n: torch.randn(p.shape, generator=gen) for n, p in a.named_parameters()} for _ in range(4)]
+    for g in grads[:2]:
+        set_grads(a, g)
+        step(opt_a)
+    buffer = io.BytesIO()
+    torch.save(opt_a.state_dict(), buffer)
+    buffer.seek(0)
+    b, fresh = copy.deepcopy(a), copy.deepcopy(a)
+    opt_b = make_opt(b, kind, fused=fused)  # no reference, no state: both come from the state dict
+    opt_b.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt_b.reference is not None and len(opt_b.reference) == 2
+    keys = {"sgd": set(), "momentum": {"momentum_buffer"}}.get(kind, {"step", "exp_avg", "exp_avg_sq"})
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert set(opt_b.state.get(q, {})) == set(opt_a.state.get(p, {})) == keys
+        assert all(torch.equal(v, opt_b.state[q][k]) for k, v in opt_a.state.get(p, {}).items())
+    opt_fresh = make_opt(fresh, kind, fused=fused)  # what b would be without the state dict
+    masked = []
+    for g in grads[2:]:
+        for mod, opt in ((a, opt_a), (b, opt_b), (fresh, opt_fresh)):
+            set_grads(mod, g)
+            step(opt)
+        masked.append((opt_a.last_masked, opt_b.last_masked))
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb)
+    assert all(x == y > 0 for x, y in masked), masked
+    assert not all(torch.equal(x, y) for x, y in zip(fresh.parameters(), b.parameters(), strict=True))
 
 
 def test_sparse_embedding_grads_only_for_tied_embeddings_same_gradient() -> None:

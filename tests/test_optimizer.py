@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 from collections.abc import Callable
 
@@ -15,15 +16,15 @@ import torch
 
 import cnl
 from cnl.mask import SignReference
-from cnl.optim import ParameterUpdater, make_rule
-from cnl.optimizer import MaskedOptimizer
+from cnl.optim import UpdateHooks
+from cnl.optimizer import MaskedOptimizer, build_optimizer
 from cnl.testing import make_tiny_model
 
 VOCAB = 97
 LR = {"sgd": 0.05, "momentum": 0.02, "adam": 1e-3, "adamw": 1e-3}
 WEIGHT_DECAY = 0.1
 
-#: torch's optimizer for each cnl rule, with the hyperparameters ``make_rule`` uses by default.
+#: torch's optimizer for each cnl rule, with the hyperparameters ``build_optimizer`` uses by default.
 TORCH_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
     "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
@@ -73,22 +74,23 @@ def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bit_identical_to_cnl_train_rules(kind: str, fused: bool) -> None:
-    """Five masked steps of MaskedOptimizer(torch.optim.X) == five steps of ParameterUpdater + make_rule."""
+    """Five masked steps of MaskedOptimizer(torch.optim.X) after the backward pass == five steps of
+    ``cnl train``'s optimizer (``build_optimizer`` from the optimizer's name, updating inside the backward pass)."""
     a, b = tiny(), tiny()
     ref_a = random_reference(a)
     ref_b = same_reference(ref_a, b, a)
-    updater = ParameterUpdater(
-        a.named_parameters(), make_rule(kind, adamw_weight_decay=WEIGHT_DECAY), LR[kind], ref_a, fused=fused
-    )
+    train_opt = build_optimizer(a.named_parameters(), kind, LR[kind], adamw_weight_decay=WEIGHT_DECAY, fused=fused)
+    train_opt.reference = ref_a
     opt = MaskedOptimizer(TORCH_OPTIMIZERS[kind](b.parameters(), LR[kind]), ref_b, fused=fused)
     masked = []
     for step in range(5):
-        backward(a, step)
-        updater.step()
+        with train_opt.in_backward():
+            backward(a, step)
+        assert all(p.grad is None for p in a.parameters())  # updated (and freed) inside the backward pass
         backward(b, step)
         opt.step()
         opt.zero_grad()
-        masked.append((updater.pop_masked(), opt.last_masked))
+        masked.append((train_opt.pop_counts()[0], opt.last_masked))
         assert params_equal(a, b), f"{kind}: weights differ after step {step + 1}"
     assert all(x == y > 0 for x, y in masked), masked
     assert not params_equal(a, tiny()), "the weights moved"
@@ -105,7 +107,8 @@ def test_unmasked_is_torchs_own_update(kind: str) -> None:
             backward(model, step)
             o.step()
             o.zero_grad()
-    assert opt.last_masked == 0 and opt.pop_masked_fraction() is None
+    # every updated element counts now (not only those with a stored sign): 0 of them frozen, not None
+    assert opt.last_masked == 0 and opt.pop_masked_fraction() == 0.0
     for x, y in zip(a.parameters(), b.parameters(), strict=True):
         if kind == "sgd":
             assert torch.equal(x, y)
@@ -159,7 +162,9 @@ def test_parameters_without_a_sign_update_unmasked() -> None:
     opt.step()
     assert torch.equal(a.detach(), a0)
     assert torch.equal(b.detach(), b0 - 0.1 * torch.ones(4))
-    assert opt.last_masked == 4 and opt.last_masked_fraction == 1.0
+    # the fraction's denominator is every updated element (a's and b's), no longer only those with a sign
+    assert opt.last_masked == 4 and opt.last_masked_fraction == 0.5
+    assert opt.pop_counts() == (4, 8)
 
 
 def test_reference_can_be_replaced_and_fractions_are_counted() -> None:
@@ -180,7 +185,8 @@ def test_reference_can_be_replaced_and_fractions_are_counted() -> None:
     backward(model, 2)
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
-    assert opt.last_masked == 0 and opt.pop_masked_fraction() is None
+    # without a reference the elements still count as updated (denominator: every updated element)
+    assert opt.last_masked == 0 and opt.pop_masked_fraction() == 0.0
     for p, b, g in zip(model.parameters(), before, grads, strict=True):
         assert torch.equal(p.detach(), b.sub(g, alpha=0.01))
 
@@ -200,9 +206,8 @@ def test_is_a_torch_optimizer_sharing_param_groups() -> None:
     extra = torch.nn.Parameter(torch.zeros(3))
     opt.add_param_group({"params": [extra], "lr": 0.1})
     assert inner.param_groups[-1]["params"] == [extra]
-    from cnl.mask import MaskedOptimizer as FromMask
-
-    assert FromMask is MaskedOptimizer is cnl.MaskedOptimizer
+    assert MaskedOptimizer is cnl.MaskedOptimizer
+    assert opt.names[extra] == str(len(list(model.parameters())))  # a later group's parameters get names too
     assert "MaskedOptimizer(AdamW" in repr(opt)
 
 
@@ -309,7 +314,7 @@ def test_wrapping_an_optimizer_that_already_stepped_continues_it() -> None:
             o.step()
             o.zero_grad()
     opt = MaskedOptimizer(inner)
-    assert all(opt.state[p]["step"] == 2 and opt.state[p]["m"].dtype == torch.float32 for p in b.parameters())
+    assert all(opt.state[p]["step"] == 2 and opt.state[p]["exp_avg"].dtype == torch.float32 for p in b.parameters())
     backward(a, 2)
     plain.step()
     backward(b, 2)
@@ -327,8 +332,8 @@ def test_low_precision_parameters_keep_float32_moments() -> None:
     q = torch.nn.Parameter(p.detach().clone())
     other = MaskedOptimizer(torch.optim.Adam([q], lr=1e-2))
     other.load_state_dict(opt.state_dict())
-    assert other.state[q]["m"].dtype == torch.float32
-    assert torch.equal(other.state[q]["v"], opt.state[p]["v"])
+    assert other.state[q]["exp_avg"].dtype == other.state[q]["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(other.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
 
 
 @pytest.mark.parametrize(
@@ -361,6 +366,217 @@ def test_adam_with_decoupled_weight_decay_is_adamw() -> None:
         p.grad = torch.linspace(-1, 1, 5)
         o.step()
     assert torch.equal(a.detach(), b.detach())
+
+
+# ------------------------------------------------------------------------------------------ state shared with torch
+
+#: The per-parameter state keys of each kind (torch's own), and cnl's former names for them.
+STATE_KEYS = {"momentum": {"momentum_buffer"}, "adam": {"step", "exp_avg", "exp_avg_sq"}}
+FORMER_KEYS = {"momentum": {"momentum_buffer": "v"}, "adam": {"exp_avg": "m", "exp_avg_sq": "v"}}
+
+
+def family(kind: str) -> str:
+    return "momentum" if kind == "momentum" else "adam"
+
+
+def step_all(*pairs: tuple[torch.nn.Module, torch.optim.Optimizer], step: int) -> None:
+    """One step of every ``(model, optimizer)`` on the same batch."""
+    for model, o in pairs:
+        backward(model, step)
+        o.step()
+        o.zero_grad()
+
+
+def all_close(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam", "adamw"])
+def test_state_dict_loads_into_a_plain_torch_optimizer(kind: str) -> None:
+    """The layout is torch's own: a MaskedOptimizer's state dict loads into torch.optim.X as it is, and torch's
+    next steps from it match the MaskedOptimizer's unmasked steps from the same state (to float rounding)."""
+    a = tiny()
+    opt = MaskedOptimizer(TORCH_OPTIMIZERS[kind](a.parameters(), LR[kind]), random_reference(a))
+    for step in range(2):
+        step_all((a, opt), step=step)
+    sd = opt.state_dict()
+    assert len(sd["state"]) == len(list(a.parameters()))
+    assert all(set(st) == STATE_KEYS[family(kind)] for st in sd["state"].values())
+    b, fresh = copy.deepcopy(a), copy.deepcopy(a)
+    plain = TORCH_OPTIMIZERS[kind](b.parameters(), 123.0)
+    # torch ignores the extra "cnl_reference" entry; a copy, since torch's load keeps the very tensors it is
+    # given (state_dict() returns the live ones), and both optimizers go on updating their state in place
+    plain.load_state_dict(copy.deepcopy(sd))
+    assert plain.param_groups[0]["lr"] == LR[kind]
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert set(plain.state[q]) == STATE_KEYS[family(kind)]
+        assert all(torch.equal(plain.state[q][k], v) for k, v in opt.state[p].items())
+    opt.reference = None  # the unmasked step: what torch computes
+    fresh_opt = TORCH_OPTIMIZERS[kind](fresh.parameters(), LR[kind])  # the same weights, no state
+    for step in range(2, 4):
+        step_all((a, opt), (b, plain), (fresh, fresh_opt), step=step)
+        assert all_close(a, b), f"{kind}: torch from the loaded state differs after step {step + 1}"
+    assert opt.last_masked == 0
+    if kind != "momentum":
+        assert all(plain.state[q]["step"] == 4 for q in b.parameters())
+    assert not all_close(a, fresh), "the loaded state mattered"
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam", "adamw"])
+def test_plain_torch_state_dict_loads_into_a_masked_optimizer(kind: str) -> None:
+    """A torch optimizer that took two steps: its state dict loaded into a MaskedOptimizer (of other
+    parameters with the same weights) continues, unmasked, as torch does (to float rounding)."""
+    a = tiny()
+    plain = TORCH_OPTIMIZERS[kind](a.parameters(), LR[kind])
+    for step in range(2):
+        step_all((a, plain), step=step)
+    b, fresh = copy.deepcopy(a), copy.deepcopy(a)
+    opt = MaskedOptimizer(TORCH_OPTIMIZERS[kind](b.parameters(), 123.0))
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["lr"] == LR[kind] and opt.optimizer.param_groups[0]["lr"] == LR[kind]
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert set(opt.state[q]) == STATE_KEYS[family(kind)]
+        assert all(torch.equal(opt.state[q][k], v) for k, v in plain.state[p].items())
+    fresh_opt = MaskedOptimizer(TORCH_OPTIMIZERS[kind](fresh.parameters(), LR[kind]))
+    for step in range(2, 5):
+        step_all((a, plain), (b, opt), (fresh, fresh_opt), step=step)
+        assert all_close(a, b), f"{kind}: differs from torch after step {step + 1}"
+    assert not all_close(a, fresh), "the loaded state mattered"
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam", "adamw"])
+def test_former_cnl_state_layout_still_loads(kind: str) -> None:
+    """A checkpoint in cnl's former layout (Adam: ``m``, ``v``, an int ``step``; momentum: ``v``) is converted
+    on load, and the run continues bit for bit."""
+    a = tiny()
+    opt = MaskedOptimizer(TORCH_OPTIMIZERS[kind](a.parameters(), LR[kind]), random_reference(a))
+    for step in range(2):
+        step_all((a, opt), step=step)
+    sd = opt.state_dict()
+    rename = FORMER_KEYS[family(kind)]
+    former = {
+        **sd,
+        "state": {
+            i: {rename.get(k, k): (int(v) if k == "step" else v.clone()) for k, v in st.items()}
+            for i, st in sd["state"].items()
+        },
+    }
+    first = next(iter(former["state"].values()))
+    assert set(first) == ({"v"} if kind == "momentum" else {"step", "m", "v"})
+    assert kind == "momentum" or type(first["step"]) is int
+    b = copy.deepcopy(a)
+    restored = MaskedOptimizer(TORCH_OPTIMIZERS[kind](b.parameters(), LR[kind]))
+    restored.load_state_dict(former)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        st = restored.state[q]
+        assert set(st) == STATE_KEYS[family(kind)]
+        for k, v in opt.state[p].items():
+            assert st[k].dtype == torch.float32 and torch.equal(st[k], v), k
+        if kind != "momentum":
+            assert isinstance(st["step"], torch.Tensor) and st["step"].device.type == "cpu"
+    for step in range(2, 4):
+        step_all((a, opt), (b, restored), step=step)
+        assert opt.last_masked == restored.last_masked > 0
+        assert params_equal(a, b), f"{kind}: differs after step {step + 1}"
+
+
+@pytest.mark.parametrize("layout", ["torch", "former"])
+def test_state_of_the_wrong_shape_is_refused_naming_the_parameter(layout: str) -> None:
+    a = tiny()
+    named = list(a.named_parameters())
+    opt = build_optimizer(named, "adam", 1e-3)
+    step_all((a, opt), step=0)
+    sd = copy.deepcopy(opt.state_dict())
+    index, (name, param) = next((i, np) for i, np in enumerate(named) if np[1].dim() == 2)
+    if layout == "former":
+        sd["state"] = {i: {FORMER_KEYS["adam"].get(k, k): v for k, v in st.items()} for i, st in sd["state"].items()}
+    sd["state"][index]["v" if layout == "former" else "exp_avg_sq"] = torch.zeros(param.shape[0] + 1)
+    b = copy.deepcopy(a)
+    other = build_optimizer(b.named_parameters(), "adam", 5e-3)
+    with pytest.raises(ValueError, match=re.escape(f"'exp_avg_sq' of parameter {name} has shape")):
+        other.load_state_dict(sd)
+    assert not other.state and other.param_groups[0]["lr"] == 5e-3  # nothing was loaded
+    sd["state"][index]["v" if layout == "former" else "exp_avg_sq"] = torch.zeros(param.shape)
+    other.load_state_dict(sd)  # the same dict with the right shape loads
+    assert len(other.state) == len(named)
+
+
+# ------------------------------------------------------------------------------------------ a method's hooks
+
+
+class SkipAndSelect(UpdateHooks):
+    """Leaves the parameter ``skipped`` alone and zeroes the first ``k`` elements of every other update;
+    its state (kept for ``--resume``) is how many updates it filtered."""
+
+    freezes = True
+
+    def __init__(self, skipped: str, k: int = 4) -> None:
+        self.skipped, self.k = skipped, k
+        self.selected = 0
+
+    def skip(self, key: str) -> bool:
+        return key == self.skipped
+
+    def select(self, key: str, param: torch.Tensor, u: torch.Tensor, state: dict | None) -> int:
+        k = min(self.k, u.numel())
+        u.view(-1)[:k] = 0
+        self.selected += 1
+        return k
+
+    def state_dict(self) -> dict:
+        return {"selected": torch.tensor(self.selected)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selected = int(state["selected"])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_hooks_skip_and_select_count_as_frozen_in_step_and_in_backward(kind: str) -> None:
+    """Frozen count per step = the skipped parameter's elements + the elements ``select`` zeroed, whether
+    the update runs in ``step()`` or inside the backward pass; both modes give the same weights."""
+    models = {"step": tiny(), "in_backward": tiny()}
+    skipped = [n for n, _ in models["step"].named_parameters()][1]
+    opts = {
+        mode: build_optimizer(
+            m.named_parameters(), kind, LR[kind], adamw_weight_decay=WEIGHT_DECAY, hooks=SkipAndSelect(skipped)
+        )
+        for mode, m in models.items()
+    }
+    named = dict(models["step"].named_parameters())
+    total = sum(p.numel() for p in named.values())
+    expected = named[skipped].numel() + 4 * (len(named) - 1)
+    for step in range(2):
+        for mode, model in models.items():
+            opt = opts[mode]
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            if mode == "step":
+                backward(model, step)
+                opt.step()
+                assert opt.last_masked == expected and opt.last_masked_fraction == expected / total
+                opt.zero_grad()
+            else:
+                with opt.in_backward():
+                    backward(model, step)
+            assert opt.pop_counts() == (expected, total), mode
+            for n, p in model.named_parameters():
+                if n == skipped:
+                    assert torch.equal(p, before[n]), f"{mode}: the skipped parameter moved"
+                else:
+                    assert torch.equal(p.view(-1)[:4], before[n].view(-1)[:4]), f"{mode}: a selected element moved"
+                    assert not torch.equal(p, before[n]), f"{mode}: {n} did not move"
+        assert params_equal(models["step"], models["in_backward"])
+    for mode, opt in opts.items():
+        assert opt.hooks.selected == 2 * (len(named) - 1)
+        if kind == "adamw":  # a skipped parameter's state does not advance either
+            assert not opt.state.get(dict(models[mode].named_parameters())[skipped])
+    sd = opts["in_backward"].state_dict()
+    assert set(sd["cnl_hooks"]) == {"selected"} and int(sd["cnl_hooks"]["selected"]) == 2 * (len(named) - 1)
+    restored = build_optimizer(
+        copy.deepcopy(models["in_backward"]).named_parameters(), kind, LR[kind], hooks=SkipAndSelect(skipped)
+    )
+    assert restored.hooks.selected == 0
+    restored.load_state_dict(sd)
+    assert restored.hooks.selected == 2 * (len(named) - 1)
 
 
 # ------------------------------------------------------------------------------------------ reference_from
@@ -470,3 +686,24 @@ def test_reference_from_refuses_what_it_cannot_average() -> None:
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         cnl.reference_from(model, ex)
+
+
+def test_in_backward_leaves_frozen_parameters_alone() -> None:
+    """torch optimizers accept parameters that require no gradient (a LoRA base model): in the backward pass
+    they get no hook and do not move; the others update as ``step()`` would update them."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    for lin in (a, b):
+        lin.bias.requires_grad_(False)
+    x = torch.randn(2, 5)
+    opt_a = MaskedOptimizer(torch.optim.SGD(a.parameters(), lr=0.1))
+    opt_b = MaskedOptimizer(torch.optim.SGD(b.parameters(), lr=0.1))
+    bias, weight = a.bias.detach().clone(), a.weight.detach().clone()
+    with opt_a.in_backward():
+        a(x).sum().backward()
+    b(x).sum().backward()
+    opt_b.step()
+    assert torch.equal(a.bias, bias) and torch.equal(a.weight, b.weight)
+    assert not torch.equal(a.weight, weight)  # it did move
+    assert a.weight.grad is None  # freed in the backward pass

@@ -1,8 +1,9 @@
-"""The README's library snippets (``## Use CNL in your own training``), run as published on a tiny model.
+"""The library snippets of the documentation, run as published on a tiny model.
 
-The code is not re-typed here: it is extracted from README.md (the first ```python block of that section)
-and executed with the free names it expects bound to tiny, offline data (:data:`SNIPPET_NAMES`). The test
-then checks what the snippet claims:
+The code is not re-typed here: each snippet is extracted from the page that holds it (the first ```python
+block of a section, see :data:`RULE_SNIPPET` and :data:`LOOP_SNIPPETS`) and executed with the free names it
+expects bound to tiny, offline data. For the rule itself (``## The rule itself: `cnl.mask``` in
+docs/own-training.md, names :data:`SNIPPET_NAMES`) the test checks what the snippet claims:
 
 * part 1 builds a reference whose signs are those of the mean mastered-set gradient;
 * part 2a (plain SGD): every element where ``grad · reference < 0`` stays exactly where it was, every other
@@ -14,6 +15,10 @@ then checks what the snippet claims:
 The steps of part 2a are observed without touching the snippet: ``torch.optim.SGD`` is replaced, for the
 duration of the ``exec``, by a subclass that records each step, and a post-accumulate-grad hook on every
 parameter records the raw (unmasked) gradient of each backward pass.
+
+The own-loop example (``cnl.MaskedOptimizer`` + ``cnl.reference_from``, names :data:`LOOP_NAMES`) is the first
+```python block of the README's ``## Use CNL in your own training`` and of docs/own-training.md's
+``## Your own loop``; both copies run, and every step they take is checked against the reference in use.
 """
 
 from __future__ import annotations
@@ -33,12 +38,17 @@ from cnl.data import rows_from_dicts
 from cnl.scoring import Encoded, PromptEncoder, batch_losses, predict
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-HEADING = "### The rule itself: `cnl.mask`"
-#: The section whose first python block is the own-loop example (cnl.MaskedOptimizer + cnl.reference_from).
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+OWN_TRAINING = ROOT / "docs" / "own-training.md"
+HEADING = "## The rule itself: `cnl.mask`"
+#: Where the rule's snippet is: the first python block of this section of this page.
+RULE_SNIPPET = (OWN_TRAINING, HEADING)
+#: The sections whose first python block is the own-loop example (cnl.MaskedOptimizer + cnl.reference_from).
 LOOP_HEADING = "## Use CNL in your own training"
+LOOP_SNIPPETS = [(README, LOOP_HEADING), (OWN_TRAINING, "## Your own loop")]
 
-#: The free names the README snippet uses (what a reader must already have), with what each is here.
+#: The free names the rule's snippet uses (what a reader must already have), with what each is here.
 #: If the snippet starts using another name, ``exec`` fails with a NameError naming it: add it here.
 SNIPPET_NAMES = {
     "model": "a tiny causal LM (cnl.testing.make_tiny_model, llama arch, chatml tokenizer)",
@@ -52,18 +62,20 @@ SNIPPET_NAMES = {
 # ------------------------------------------------------------------------------------------ extraction
 
 
-def readme_snippet(readme: Path = README, heading: str = HEADING) -> tuple[str, int]:
-    """The first ```python block of the section under ``heading``: ``(code, line of its first code line)``.
+def doc_snippet(doc: Path, heading: str) -> tuple[str, int]:
+    """The first ```python block of the section under ``heading`` of the Markdown file ``doc``:
+    ``(code, line of its first code line)``.
 
     The section runs from the heading to the next heading of the same or a higher level. Fails the test
-    with a clear message when the heading or the block is missing.
+    with a clear message when the file, the heading or the block is missing.
     """
-    if not readme.is_file():
-        pytest.fail(f"{readme} not found")
-    lines = readme.read_text(encoding="utf-8").splitlines()
+    if not doc.is_file():
+        pytest.fail(f"{doc} not found")
+    name = doc.name
+    lines = doc.read_text(encoding="utf-8").splitlines()
     starts = [i for i, line in enumerate(lines) if line.rstrip() == heading]
     if not starts:
-        pytest.fail(f"README.md has no heading {heading!r}: the library example this test runs is gone or renamed")
+        pytest.fail(f"{name} has no heading {heading!r}: the library example this test runs is gone or renamed")
     level = len(heading) - len(heading.lstrip("#"))
     section_end = len(lines)
     in_fence = False
@@ -79,44 +91,49 @@ def readme_snippet(readme: Path = README, heading: str = HEADING) -> tuple[str, 
             for j in range(i + 1, section_end):
                 if lines[j].strip() == "```":
                     return "\n".join(lines[i + 1 : j]) + "\n", i + 2
-            pytest.fail(f"README.md:{i + 1}: the ```python block under {heading!r} is not closed")
-    pytest.fail(f"README.md: the section {heading!r} (line {starts[0] + 1}) has no ```python block")
+            pytest.fail(f"{name}:{i + 1}: the ```python block under {heading!r} is not closed")
+    pytest.fail(f"{name}: the section {heading!r} (line {starts[0] + 1}) has no ```python block")
 
 
-def run_snippet(code: str, first_line: int, names: dict[str, Any]) -> dict[str, Any]:
-    """Execute ``code`` with ``names`` bound; tracebacks point at README.md's own line numbers."""
+def run_snippet(code: str, first_line: int, names: dict[str, Any], doc: Path = RULE_SNIPPET[0]) -> dict[str, Any]:
+    """Execute ``code`` with ``names`` bound; tracebacks point at ``doc``'s own line numbers."""
     missing = set(SNIPPET_NAMES) - set(names)
     assert not missing, f"test bug: no value for {sorted(missing)}"
     namespace: dict[str, Any] = {"__name__": "readme_snippet", **names}
-    compiled = compile("\n" * (first_line - 1) + code, str(README), "exec")
+    compiled = compile("\n" * (first_line - 1) + code, str(doc), "exec")
     try:
-        exec(compiled, namespace)  # noqa: S102 -- the README's own example, the point of this test
+        exec(compiled, namespace)  # noqa: S102 -- the documentation's own example, the point of this test
     except NameError as e:
         pytest.fail(
-            f"the README snippet uses a name the test does not provide ({e}). It provides "
-            f"{sorted(SNIPPET_NAMES)}; if the README now expects another name from the reader, add it to "
+            f"the snippet of {doc.name} uses a name the test does not provide ({e}). It provides "
+            f"{sorted(SNIPPET_NAMES)}; if the snippet now expects another name from the reader, add it to "
             "SNIPPET_NAMES (and its value) in tests/test_readme_example.py"
         )
     return namespace
 
 
 def test_snippet_extraction_fails_clearly(tmp_path: Path) -> None:
-    code, first = readme_snippet()
+    code, first = doc_snippet(*RULE_SNIPPET)
     assert "SignReference" in code and first > 1
+    for doc, heading in LOOP_SNIPPETS:
+        code, first = doc_snippet(doc, heading)
+        assert "cnl.MaskedOptimizer" in code and "cnl.reference_from" in code and first > 1
+    with pytest.raises(pytest.fail.Exception, match="not found"):
+        doc_snippet(tmp_path / "missing.md", HEADING)
     no_heading = tmp_path / "a.md"
     no_heading.write_text("# x\n\n## Other\n```python\nprint(1)\n```\n", encoding="utf-8")
-    with pytest.raises(pytest.fail.Exception, match="no heading"):
-        readme_snippet(no_heading)
+    with pytest.raises(pytest.fail.Exception, match="a.md has no heading"):
+        doc_snippet(no_heading, HEADING)
     # a python block only after the section ends does not count
     no_block = tmp_path / "b.md"
     no_block.write_text(f"{HEADING}\n\ntext\n\n## Next\n```python\nprint(1)\n```\n", encoding="utf-8")
     with pytest.raises(pytest.fail.Exception, match="has no ```python block"):
-        readme_snippet(no_block)
+        doc_snippet(no_block, HEADING)
     found = tmp_path / "c.md"
     found.write_text(
         f"{HEADING}\n```bash\nls\n```\n#### sub\n```python\nx = 1\ny = 2\n```\n```python\nz\n```\n", encoding="utf-8"
     )
-    assert readme_snippet(found) == ("x = 1\ny = 2\n", 7)
+    assert doc_snippet(found, HEADING) == ("x = 1\ny = 2\n", 7)
     with pytest.raises(pytest.fail.Exception, match="SNIPPET_NAMES"):
         run_snippet("undefined_name_in_readme + 1\n", 1, dict.fromkeys(SNIPPET_NAMES))
 
@@ -192,7 +209,7 @@ class Recorder:
                 (group,) = self.param_groups
                 extras = {k: group[k] for k in ("momentum", "dampening", "weight_decay", "nesterov", "maximize")}
                 if any(extras.values()):
-                    pytest.fail(f"the README's plain SGD now uses {extras}: update tests/test_readme_example.py")
+                    pytest.fail(f"the snippet's plain SGD now uses {extras}: update tests/test_readme_example.py")
                 params = [p for p in group["params"] if p.grad is not None]
                 before = {p: p.detach().clone() for p in params}
                 grads = {p: (None if p.grad is None else p.grad.clone()) for p in group["params"]}
@@ -243,7 +260,7 @@ def run() -> Run:
     try:
         data = make_data()
         g_m = mean_mastered_gradient(data)
-        code, first_line = readme_snippet()
+        code, first_line = doc_snippet(*RULE_SNIPPET)
         names = {
             "model": data.model,
             "loss_fn": data.loss_fn,
@@ -253,7 +270,7 @@ def run() -> Run:
         }
         recorder = Recorder()
         with recorder.watching(data.model):
-            namespace = run_snippet(code, first_line, names)
+            namespace = run_snippet(code, first_line, names, RULE_SNIPPET[0])
     finally:
         torch.set_num_threads(before)
     return Run(data, g_m, recorder, namespace)
@@ -293,11 +310,11 @@ def test_plain_sgd_freezes_exactly_the_conflicting_elements(run: Run) -> None:
 
 
 def test_any_optimizer_part_moves_nothing_against_the_reference(run: Run) -> None:
-    from cnl.mask import MaskedOptimizer
+    from cnl import MaskedOptimizer
 
     opt = run.namespace.get("opt")
     if not isinstance(opt, MaskedOptimizer):
-        pytest.fail(f"part 2b of the README snippet should leave a MaskedOptimizer in `opt`, got {type(opt)}")
+        pytest.fail(f"part 2b of the rule's snippet should leave a MaskedOptimizer in `opt`, got {type(opt)}")
     model = run.data.model
     before = {p: p.detach().clone() for p in model.parameters()}
     opt.zero_grad()
@@ -318,7 +335,7 @@ def test_any_optimizer_part_moves_nothing_against_the_reference(run: Run) -> Non
 
 # ------------------------------------------------------------------------------------------ the own-loop snippet
 
-#: The free names of the own-loop snippet (the first python block under LOOP_HEADING).
+#: The free names of the own-loop snippet (the first python block of each of LOOP_SNIPPETS).
 LOOP_NAMES = {
     "model": "a tiny causal LM (llama arch)",
     "new_facts": "HF-style batches (input_ids, labels with -100 on the prompt) of questions to teach",
@@ -332,11 +349,14 @@ def as_lm_example(e: Encoded) -> dict[str, list[int]]:
     return {"input_ids": [*ids, e.target], "labels": [-100] * len(ids) + [e.target]}
 
 
-def test_own_loop_snippet_masks_every_step_against_the_current_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", LOOP_SNIPPETS, ids=lambda w: w[0].name if isinstance(w, tuple) else "")
+def test_own_loop_snippet_masks_every_step_against_the_current_reference(
+    where: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The snippet runs as printed; every step it takes moves nothing against the reference then in use,
     each epoch's reference is the one of the weights at that epoch's start, and the scheduler drove the lr."""
     import cnl
-    from cnl.optimizer import MaskedOptimizer
+    from cnl import MaskedOptimizer
 
     data = make_data()
     model = data.model
@@ -364,11 +384,12 @@ def test_own_loop_snippet_masks_every_step_against_the_current_reference(monkeyp
 
     monkeypatch.setattr(cnl, "MaskedOptimizer", RecordingMasked)
     monkeypatch.setattr(cnl, "reference_from", recording_reference_from)
-    code, first_line = readme_snippet(heading=LOOP_HEADING)
+    doc, heading = where
+    code, first_line = doc_snippet(doc, heading)
     names = {"model": model, "new_facts": new_facts, "mastered_examples": mastered, "epochs": 2}
     assert set(names) == set(LOOP_NAMES)
     namespace: dict[str, Any] = {"__name__": "readme_snippet", **names}
-    exec(compile("\n" * (first_line - 1) + code, str(README), "exec"), namespace)  # noqa: S102
+    exec(compile("\n" * (first_line - 1) + code, str(doc), "exec"), namespace)  # noqa: S102
 
     assert len(steps) == 2 * len(new_facts) and len(references) == 2
     frozen = moved = 0

@@ -15,17 +15,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from helpers import cnl_adam_train_args
+from helpers import blocked_child, cnl_adam_train_args
 
 import cnl.io
 import cnl.models
@@ -159,56 +155,6 @@ def alarm(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-# ------------------------------------------------------------------------------------ a second process
-#: ``cnl train`` in a child process that blocks (writing ``marker``) at training sample ``stop_at``.
-_CHILD = textwrap.dedent(
-    """
-    import sys, time
-    import torch
-    torch.set_num_threads(1)
-    import cnl.train as T
-    from cnl.cli import main
-    stop_at, marker = int(sys.argv[1]), sys.argv[2]
-    orig, calls = T.batch_losses, [0]
-    def slow(*a, **k):
-        calls[0] += 1
-        if calls[0] == stop_at:
-            with open(marker, "w") as f:
-                f.write("blocked")
-            time.sleep(600)
-        return orig(*a, **k)
-    T.batch_losses = slow
-    sys.exit(main(sys.argv[3:]))
-    """
-)
-
-
-@contextlib.contextmanager
-def blocked_child(tmp_path: Path, argv: list[str], stop_at: int = N_TRAIN + 3) -> Iterator[subprocess.Popen]:
-    """A child ``cnl <argv>`` blocked in epoch 2 (after two of its updates); killed on exit if still alive."""
-    marker = tmp_path / "child.marker"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    log_path = tmp_path / "child.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(stop_at), str(marker), *argv],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not marker.exists():
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "the child did not reach epoch 2 in time"
-                time.sleep(0.05)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
 # =============================================================================== 1. no unpickling
 def test_1_crafted_pickle_in_checkpoint_is_never_loaded(kept_run, tiny_qwen2_dir, sets, tmp_path, capsys):
     marker = tmp_path / "pwned"
@@ -227,15 +173,16 @@ def test_1_crafted_pickle_in_checkpoint_is_never_loaded(kept_run, tiny_qwen2_dir
     assert not marker.exists()
     assert info(ignored)["status"] == "finished" and len(read_rows(ignored)) == 2
 
-    # the state file itself replaced by a pickle: refused as a damaged checkpoint, never unpickled
-    crafted = copy_run(kept_run, tmp_path, "crafted")
-    folder = crafted / "checkpoint" / "epoch_001"
-    (folder / "optimizer.pt").write_bytes(evil)
-    (folder / "state.safetensors").write_bytes(evil)
-    err = cli_error(capsys, train_args(tiny_qwen2_dir, sets, crafted, "--epochs", "2", "--resume"))
-    assert "damaged checkpoint" in err and "epoch_001" in err
-    assert not marker.exists()
-    assert len(read_rows(crafted)) == 1
+    # every file of the checkpoint replaced by the pickle: refused as a damaged checkpoint, never unpickled
+    for name in ("rank_0.safetensors", "rank_0.json", "meta.json"):
+        crafted = copy_run(kept_run, tmp_path, f"crafted-{name}")
+        folder = crafted / "checkpoint" / "epoch_001"
+        (folder / "optimizer.pt").write_bytes(evil)
+        (folder / name).write_bytes(evil)
+        err = cli_error(capsys, train_args(tiny_qwen2_dir, sets, crafted, "--epochs", "2", "--resume"))
+        assert "damaged checkpoint" in err and "epoch_001" in err, name
+        assert not marker.exists()
+        assert len(read_rows(crafted)) == 1
 
 
 def _pickle_uses(tree: ast.AST) -> list[str]:
@@ -283,7 +230,7 @@ def test_2_run_directory_lock_refuses_a_second_writer_and_recovers_after_kill_9(
 ):
     out = tmp_path / "x"
     argv = train_args(tiny_qwen2_dir, sets, out)
-    with blocked_child(tmp_path, argv) as proc, monkeypatch.context() as mp:
+    with blocked_child(tmp_path, argv, N_TRAIN + 3) as proc, monkeypatch.context() as mp:
         loads = refuse_weights(mp)
         assert (out / LOCK_NAME).exists()
         holder = json.loads((out / HOLDER_NAME).read_text())
@@ -340,7 +287,7 @@ def test_3_sigterm_records_interrupted_exits_143_and_resume_finishes(
 ):
     out = tmp_path / "term"
     argv = train_args(tiny_qwen2_dir, sets, out)
-    with blocked_child(tmp_path, argv) as proc:
+    with blocked_child(tmp_path, argv, N_TRAIN + 3) as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, (tmp_path / "child.log").read_text()
     assert "terminated (SIGTERM)" in (tmp_path / "child.log").read_text()
@@ -457,11 +404,11 @@ def test_5c_disk_full_while_writing_a_checkpoint_keeps_the_epoch(
 ):
     real, calls = cnl.rundir.RunDir.save_checkpoint, [0]
 
-    def save_checkpoint(self, epoch, weights, state):
+    def save_checkpoint(self, epoch, state, meta, dist):
         calls[0] += 1
         if calls[0] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, epoch, weights, state)
+        return real(self, epoch, state, meta, dist)
 
     out = tmp_path / "full"
     argv = train_args(tiny_qwen2_dir, sets, out)
@@ -536,7 +483,7 @@ def test_6_resume_names_a_damaged_checkpoint(kept_run, tiny_qwen2_dir, sets, tmp
     assert "latest.json points at epoch_009, which is missing" in err and "checkpoint/" in err
     pointer.write_text(good)
 
-    weights = run / "checkpoint" / "epoch_001" / "weights.safetensors"
+    weights = run / "checkpoint" / "epoch_001" / "rank_0.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     err = cli_error(capsys, argv)
     assert "epoch_001: damaged checkpoint" in err and "delete the checkpoint/ folder" in err

@@ -87,11 +87,26 @@ def weights_for(epoch: int) -> dict[str, torch.Tensor]:
     }
 
 
+def save(rd: RunDir, epoch: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """A checkpoint as the training loop writes one: this process's tree (weights and state) and the meta."""
+    rd.save_checkpoint(epoch, {"weights": weights, "state": state}, {"epoch": epoch, "summary": [{"epoch": epoch}]})
+
+
+def load(rd: RunDir) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(weights, state)`` of the latest checkpoint (its meta checked), or None."""
+    loaded = rd.load_checkpoint()
+    if loaded is None:
+        return None
+    meta, tree = loaded
+    assert meta["world_size"] == 1 and meta["summary"] == [{"epoch": meta["epoch"]}]
+    return tree["weights"], tree["state"]
+
+
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
     assert not rd.has_checkpoint() and rd.load_checkpoint() is None
     for epoch in (1, 2, 3):
-        rd.save_checkpoint(epoch, weights_for(epoch), nested_state(epoch))
+        save(rd, epoch, weights_for(epoch), nested_state(epoch))
         assert rd.has_checkpoint()
         assert json.loads((rd.checkpoints / "latest.json").read_text()) == {
             "epoch": epoch,
@@ -99,7 +114,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         }
         # Older epoch folders are gone, and nothing else is left next to the newest one.
         assert sorted(p.name for p in rd.checkpoints.iterdir()) == [f"epoch_{epoch:03d}", "latest.json"]
-    loaded = rd.load_checkpoint()
+    loaded = load(rd)
     assert loaded is not None
     weights, state = loaded
     assert_same(dict(sorted(weights_for(3).items())), dict(sorted(weights.items())), "weights")
@@ -113,53 +128,53 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_checkpoint_has_no_pickle(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    rd.save_checkpoint(4, weights_for(4), nested_state(4))
+    save(rd, 4, weights_for(4), nested_state(4))
     files = [p for p in rd.checkpoints.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} == {".json", ".safetensors"}
     assert sorted(p.relative_to(rd.checkpoints).as_posix() for p in files) == [
-        "epoch_004/state.json",
-        "epoch_004/state.safetensors",
-        "epoch_004/weights.safetensors",
+        "epoch_004/meta.json",
+        "epoch_004/rank_0.json",
+        "epoch_004/rank_0.safetensors",
         "latest.json",
     ]
     for p in files:
         head = p.read_bytes()[:2]
         assert not head.startswith(b"\x80"), p  # pickle protocol 2+ magic
         assert not head.startswith(b"PK"), p  # torch.save's zip container
-    json.loads((rd.checkpoints / "epoch_004" / "state.json").read_text())  # plain JSON
+    json.loads((rd.checkpoints / "epoch_004" / "rank_0.json").read_text())  # plain JSON
 
 
 def test_checkpoint_files_have_umask_permissions(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     with umask(0o022):
-        rd.save_checkpoint(1, weights_for(1), nested_state(1))
+        save(rd, 1, weights_for(1), nested_state(1))
     for p in rd.checkpoints.rglob("*"):
         assert mode_of(p) == (0o755 if p.is_dir() else 0o644), p
 
 
 def test_checkpoint_with_nothing_to_store(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    rd.save_checkpoint(1, {}, {})
-    assert rd.load_checkpoint() == ({}, {})
+    save(rd, 1, {}, {})
+    assert load(rd) == ({}, {})
 
 
 def test_checkpoint_refuses_unserialisable_and_keeps_previous(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    rd.save_checkpoint(1, weights_for(1), nested_state(1))
+    save(rd, 1, weights_for(1), nested_state(1))
     before = sorted(p.name for p in rd.checkpoints.iterdir())
     for bad in ({"x": object()}, {"x": [1, {"y": {1, 2}}]}, {"x": b"bytes"}):
         with pytest.raises(TypeError, match="cannot store"):
-            rd.save_checkpoint(2, weights_for(2), bad)
+            save(rd, 2, weights_for(2), bad)
     assert sorted(p.name for p in rd.checkpoints.iterdir()) == before
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
-    loaded = rd.load_checkpoint()
+    loaded = load(rd)
     assert loaded is not None
     assert_same(nested_state(1), loaded[1])
 
 
 def test_remove_checkpoints(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    rd.save_checkpoint(1, weights_for(1), {"epoch": 1})
+    save(rd, 1, weights_for(1), {"epoch": 1})
     rd.remove_checkpoints()
     assert not rd.checkpoints.exists() and not rd.has_checkpoint() and rd.load_checkpoint() is None
     rd.remove_checkpoints()  # nothing to remove is fine
@@ -168,8 +183,8 @@ def test_remove_checkpoints(tmp_path: Path) -> None:
 def test_checkpoint_keys_with_slashes_do_not_collide(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     state = {"a/b": torch.tensor([1]), "a": {"b": torch.tensor([2])}}
-    rd.save_checkpoint(1, {}, state)
-    loaded = rd.load_checkpoint()
+    save(rd, 1, {}, state)
+    loaded = load(rd)
     assert loaded is not None
     assert_same(state, loaded[1])
 
@@ -177,8 +192,8 @@ def test_checkpoint_keys_with_slashes_do_not_collide(tmp_path: Path) -> None:
 def test_checkpoint_same_tensor_twice(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     t = torch.arange(4.0)
-    rd.save_checkpoint(1, {}, {"x": t, "y": t})
-    loaded = rd.load_checkpoint()
+    save(rd, 1, {}, {"x": t, "y": t})
+    loaded = load(rd)
     assert loaded is not None
     assert_same({"x": t, "y": t}, loaded[1])
 
@@ -190,7 +205,7 @@ HINT = "delete the checkpoint/ folder"
 @pytest.fixture
 def saved(tmp_path: Path) -> RunDir:
     rd = RunDir(tmp_path / "run")
-    rd.save_checkpoint(2, weights_for(2), nested_state(2))
+    save(rd, 2, weights_for(2), nested_state(2))
     return rd
 
 
@@ -208,7 +223,7 @@ def test_pointer_to_missing_folder(saved: RunDir) -> None:
     assert "epoch_007" in message and "missing" in message and HINT in message
 
 
-@pytest.mark.parametrize("name", ["weights.safetensors", "state.safetensors"])
+@pytest.mark.parametrize("name", ["rank_0.safetensors"])
 @pytest.mark.parametrize("keep", [0, 4, 12, "half", "all-but-one"])
 def test_truncated_safetensors(saved: RunDir, name: str, keep: int | str) -> None:
     p = saved.checkpoints / "epoch_002" / name
@@ -220,17 +235,34 @@ def test_truncated_safetensors(saved: RunDir, name: str, keep: int | str) -> Non
     assert "epoch_002" in message and "damaged checkpoint" in message and HINT in message
 
 
-def test_missing_weights_file(saved: RunDir) -> None:
-    (saved.checkpoints / "epoch_002" / "weights.safetensors").unlink()
+@pytest.mark.parametrize("name", ["rank_0.safetensors", "rank_0.json", "meta.json"])
+def test_missing_file(saved: RunDir, name: str) -> None:
+    (saved.checkpoints / "epoch_002" / name).unlink()
     message = run_error(saved.load_checkpoint)
-    assert "damaged checkpoint" in message and "weights.safetensors" in message
+    assert "damaged checkpoint" in message and "epoch_002" in message and HINT in message
 
 
-@pytest.mark.parametrize("content", [b"{truncated", b"", b"\xff\xfe"])
-def test_damaged_state_json(saved: RunDir, content: bytes) -> None:
-    (saved.checkpoints / "epoch_002" / "state.json").write_bytes(content)
+@pytest.mark.parametrize("name", ["rank_0.json", "meta.json"])
+@pytest.mark.parametrize("content", [b"{truncated", b"", b"\xff\xfe", b"[1, 2]"])
+def test_damaged_json(saved: RunDir, name: str, content: bytes) -> None:
+    (saved.checkpoints / "epoch_002" / name).write_bytes(content)
     message = run_error(saved.load_checkpoint)
     assert "epoch_002" in message and "damaged checkpoint" in message and HINT in message
+
+
+def test_checkpoint_of_an_older_cnl_is_named(saved: RunDir) -> None:
+    folder = saved.checkpoints / "epoch_002"
+    (folder / "meta.json").unlink()
+    (folder / "state.json").write_text("{}")
+    message = run_error(saved.load_checkpoint)
+    assert "older cnl" in message and HINT in message
+
+
+def test_checkpoint_of_another_world_size_is_refused(saved: RunDir) -> None:
+    meta = saved.checkpoints / "epoch_002" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
+    message = run_error(saved.load_checkpoint)
+    assert "written by 2 process(es), resumed with 1" in message
 
 
 # ------------------------------------------------------------------------------------ run.json

@@ -10,27 +10,23 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import SPEC_OPTIMIZERS, cnl_adam_train_args, umask
+from helpers import SPEC_OPTIMIZERS, blocked_child, cnl_adam_train_args, train_tiny, umask
 from transformers import AutoModelForCausalLM
 
 import cnl.train as T
 from cnl.cli import build_parser, main, resolve_train_configs
-from cnl.config import DataConfig, ModelConfig, TrainConfig
+from cnl.config import DataConfig, TrainConfig
 from cnl.data import rows_from_dicts
 from cnl.errors import ConfigError
+from cnl.optimizer import MaskedOptimizer
 from cnl.scoring import PromptEncoder
 from cnl.split import run_split
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
@@ -97,18 +93,7 @@ def run_train(out: Path, sets: dict, *, model=None, tokenizer=None, resume: bool
     cfg.setdefault("lr", LR[cfg.get("optimizer", "sgd")])
     if model is None:
         model, tokenizer = fresh_model()
-    return T.train(
-        TrainConfig(**cfg),
-        data_config(sets),
-        ModelConfig(device="cpu"),
-        out,
-        resume=resume,
-        model=model,
-        tokenizer=tokenizer,
-        model_tag="tiny",
-        progress=False,
-        echo=False,
-    )
+    return train_tiny(out, sets["files"], model=model, tokenizer=tokenizer, resume=resume, **cfg)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -353,17 +338,8 @@ def test_first_cnl_sgd_step_equals_spec_formula(tmp_path, sets):
     assert n_ambiguous < 0.01 * n_elements
 
     out = tmp_path / "run"
-    rows = T.train(
-        TrainConfig(method="cnl", optimizer="sgd", lr=lr, epochs=1, save_model=True),
-        DataConfig(mastered=str(m_file), injection=str(i_file)),
-        ModelConfig(device="cpu"),
-        out,
-        model=model,
-        tokenizer=tok,
-        model_tag="tiny",
-        progress=False,
-        echo=False,
-    )
+    files = {"mastered": m_file, "injection": i_file}
+    rows = train_tiny(out, files, model=model, tokenizer=tok, method="cnl", lr=lr, epochs=1, save_model=True)
     masked = float(rows[0]["masked_fraction"]) * n_elements
     assert masked == pytest.approx(conflicts, abs=n_ambiguous + 0.1)
     saved = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -416,53 +392,18 @@ def cli_train_args(model_dir: Path, sets: dict, out: Path, *extra: str) -> list[
     return cnl_adam_train_args(model_dir, out, files["mastered"], files["injection"], *extra)
 
 
-_KILLABLE = textwrap.dedent(
-    """
-    import sys, time
-    import torch
-    torch.set_num_threads(1)
-    import cnl.train as T
-    from cnl.cli import main
-    n_train, marker = int(sys.argv[1]), sys.argv[2]
-    orig, calls = T.batch_losses, [0]
-    def slow(*a, **k):
-        calls[0] += 1
-        if calls[0] == n_train + 3:  # epoch 2, after two of its updates
-            open(marker, "w").write("epoch 2 started")
-            time.sleep(600)
-        return orig(*a, **k)
-    T.batch_losses = slow
-    sys.exit(main(sys.argv[3:]))
-    """
-)
-
-
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, sets, tiny_qwen2_dir, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(cli_train_args(tiny_qwen2_dir, sets, a)) == 0
 
-    marker = tmp_path / "marker"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", _KILLABLE, "8", str(marker), *cli_train_args(tiny_qwen2_dir, sets, b)]
-    log = open(tmp_path / "child.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert proc.poll() is None, (tmp_path / "child.log").read_text()
-            assert time.monotonic() < deadline, "child did not reach epoch 2 in time"
-            time.sleep(0.1)
+    n_train = len(sets["rows"]["injection"])
+    with blocked_child(tmp_path, cli_train_args(tiny_qwen2_dir, sets, b), n_train + 3) as proc:  # in epoch 2
         latest = json.loads((b / "checkpoint" / "latest.json").read_text())
         assert latest["epoch"] == 1
         _, partial = read_csv(b / "summary.csv")
         assert [r["epoch"] for r in partial] == ["1"]
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert json.loads((b / "run.json").read_text())["status"] == "running"
 
     capsys.readouterr()
@@ -912,7 +853,7 @@ def test_cli_train_on_a_split_directory(tmp_path, tiny_qwen2_dir, tiny_qwen2, ca
 def test_non_finite_weights_stop_before_the_epoch_is_written(tmp_path, sets, monkeypatch):
     """An update that leaves NaN weights (while the loss was still finite) is caught before that
     epoch's row, predictions or checkpoint are written; epoch 1 and its checkpoint stay good."""
-    orig = T.ParameterUpdater.update
+    orig = T.MaskedOptimizer.step_parameter
     steps = [0]
     n_train = len(sets["rows"]["injection"])
 
@@ -927,7 +868,7 @@ def test_non_finite_weights_stop_before_the_epoch_is_written(tmp_path, sets, mon
         return orig_losses(*args, **kw)
 
     orig_losses = T.batch_losses
-    monkeypatch.setattr(T.ParameterUpdater, "update", poisoned)
+    monkeypatch.setattr(T.MaskedOptimizer, "step_parameter", poisoned)
     monkeypatch.setattr(T, "batch_losses", count)
     out = tmp_path / "nanw"
     with pytest.raises(T.TrainingError, match="epoch 2: the weights became non-finite"):
@@ -960,9 +901,15 @@ def test_run_outputs_are_readable_by_group_and_others(tmp_path, sets):
     with umask(0o022):
         run_train(out, sets, method="cnl", epochs=1, keep_checkpoint=True, save_model=True)
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert {"run.json", "summary.csv", "config.yaml", "train.log", "weights.safetensors", "latest.json"} <= {
-        p.name for p in files
-    }
+    assert {
+        "run.json",
+        "summary.csv",
+        "config.yaml",
+        "train.log",
+        "rank_0.safetensors",
+        "meta.json",
+        "latest.json",
+    } <= {p.name for p in files}
     assert any(p.parent.name == "model" for p in files)
     bad = [f"{p.relative_to(out)} {oct(p.stat().st_mode & 0o777)}" for p in files if p.stat().st_mode & 0o777 != 0o644]
     assert not bad, bad
@@ -988,3 +935,78 @@ def test_lora_adamw_decay_defaults_to_torchs_001(tmp_path):
     assert c.train.adamw_weight_decay == 0.1
     c = resolve(["train", "--out", str(tmp_path), "--method", "lora", "--adamw-weight-decay", "0.2"])
     assert c.train.adamw_weight_decay == 0.2
+
+
+# ------------------------------------------------------------------------------------------------ one optimizer
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+def test_a_runs_checkpoint_and_a_masked_optimizer_load_into_each_other(tmp_path, sets, optimizer):
+    """``cnl train`` and :class:`cnl.MaskedOptimizer` share one state layout: the optimizer state of a run's
+    checkpoint loads into a MaskedOptimizer a user builds around torch's own optimizer, and a user's
+    MaskedOptimizer state loads into a run's optimizer; either way the next masked step is bit-identical."""
+    from cnl.distributed import SINGLE
+    from cnl.mask import SignReference
+    from cnl.methods import get_method
+    from cnl.rundir import RunDir, capture_rng
+
+    out = tmp_path / "run"
+    model, tok = fresh_model()
+    run_train(out, sets, model=model, tokenizer=tok, method="cnl", optimizer=optimizer, keep_checkpoint=True)
+    meta, state = RunDir(out).load_checkpoint()
+    cfg = TrainConfig(method="cnl", optimizer=optimizer, lr=LR[optimizer])
+    get_method("cnl").validate(cfg)
+
+    def user_optimizer(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        inner = (
+            torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+            if optimizer == "momentum"
+            else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.1)
+        )
+        return MaskedOptimizer(inner)
+
+    def run_optimizer(m):
+        return T.build_run_optimizer(cfg, get_method("cnl"), [(n, p) for n, p in m.named_parameters()])
+
+    def one_masked_step(m, opt):
+        enc = PromptEncoder(tok)
+        q = enc.encode(rows_from_dicts(sets["rows"]["injection"][:1])[0])
+        gen = torch.Generator().manual_seed(3)
+        opt.reference = SignReference.from_tensors((p, torch.randn(p.shape, generator=gen)) for p in m.parameters())
+        opt.zero_grad(set_to_none=True)
+        T.batch_losses(m, [q], PromptEncoder(tok).pad_id).sum().backward()
+        opt.step()
+        return {n: p.detach().clone() for n, p in m.named_parameters()}, opt.last_masked
+
+    # the run's checkpoint -> a user's MaskedOptimizer(torch.optim.X)
+    results = []
+    for build in (run_optimizer, user_optimizer):
+        m, _ = fresh_model()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.copy_(state["weights"][n])
+        opt = build(m)
+        opt.load_state_dict(state["optimizer"])
+        assert len(opt.state) == len(list(m.parameters()))
+        results.append(one_masked_step(m, opt))
+    (wa, frozen_a), (wb, frozen_b) = results
+    assert frozen_a == frozen_b > 0
+    for n in wa:
+        assert torch.equal(wa[n], wb[n]), n
+
+    # a user's MaskedOptimizer -> a run's checkpoint -> the run's optimizer on --resume
+    m, _ = fresh_model(seed=1)
+    user = user_optimizer(m)
+    one_masked_step(m, user)
+    one_masked_step(m, user)
+    rd = RunDir(tmp_path / "mine")
+    weights = {n: p.detach() for n, p in m.named_parameters()}
+    rd.save_checkpoint(2, {"weights": weights, "optimizer": user.state_dict(), "rng": capture_rng()}, meta, SINGLE)
+    resumed_model, _ = fresh_model(seed=2)
+    resumed = run_optimizer(resumed_model)
+    T._restore(rd, resumed, SINGLE)
+    assert all(torch.equal(p, weights[n]) for n, p in resumed_model.named_parameters())
+    assert [sorted(st) for st in resumed.state.values()] == [sorted(st) for st in user.state.values()]
+    (wa, frozen_a), (wb, frozen_b) = one_masked_step(resumed_model, resumed), one_masked_step(m, user)
+    assert frozen_a == frozen_b > 0
+    for n in wa:
+        assert torch.equal(wa[n], wb[n]), n

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .params import MODULE_KINDS, classify_parameter
 from .reference import accumulate_mean_gradient, reference_sign
 from .scoring import Encoded, batch_losses, mc_batches, spec_loss
 
@@ -34,40 +34,6 @@ __all__ = [
     "distance_table",
     "thirds_follow_up",
 ]
-
-#: Module kinds in report order.
-MODULE_KINDS = (
-    "embedding",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "norm",
-    "output_head",
-    "other",
-)
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-
-
-def classify_parameter(name: str) -> tuple[int | None, str]:
-    """``(layer index or None, module kind)`` of a parameter name such as
-    ``model.layers.3.self_attn.q_proj.weight``."""
-    m = _LAYER_RE.search(name)
-    layer = int(m.group(1)) if m else None
-    parts = name.split(".")
-    for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-        if kind in parts:
-            return layer, kind
-    if "embed_tokens" in parts or "wte" in parts or "embeddings" in parts:
-        return layer, "embedding"
-    if "lm_head" in parts:
-        return layer, "output_head"
-    if any("norm" in p for p in parts):
-        return layer, "norm"
-    return layer, "other"
 
 
 @dataclass

@@ -24,11 +24,9 @@ from .allocator import reuse_freed_memory
 from .config import (
     DataConfig,
     ModelConfig,
-    ResolvedConfigs,
     TrainConfig,
     add_dataclass_arguments,
     build_config,
-    resolve_configs,
     values_from_namespace,
 )
 from .errors import CnlError, Terminated
@@ -44,37 +42,22 @@ def _load_model(
     *,
     sources: dict[str, str] | None = None,
     skip_long: bool = False,
-) -> tuple[Any, Any, Any, Any]:
-    """Load the model; every question of ``sets`` is encoded (and its length checked against the
-    model's context) with the tokenizer first, before the weights; returns the encoded sets too."""
-    from .models import load_from_config
-    from .scoring import PromptEncoder, encode_sets
+    run_dir: Path | None = None,
+) -> Any:
+    """:func:`cnl.loading.load_for_sets` (every question encoded, and its length checked, before the
+    weights load), saying on stderr what was loaded."""
+    from .loading import load_for_sets
 
-    t0 = time.perf_counter()
-    fitted = []
-
-    def encode(tok: Any, context: int | None) -> None:
-        fitted.append(
-            encode_sets(
-                PromptEncoder(tok, style=cfg.prompt_style),
-                dict(sets),
-                sources=sources,
-                max_length=context,
-                skip_long=skip_long,
-            )
-        )
-
-    model, tokenizer, source = load_from_config(cfg, check_tokenizer=encode)
-    n_params = sum(p.numel() for p in model.parameters())
-    device = next(model.parameters()).device
+    loaded = load_for_sets(cfg, sets, sources=sources, skip_long=skip_long, run_dir=run_dir)
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    device = next(loaded.model.parameters()).device
     print(
-        f"model {source.tag} ({n_params / 1e6:.1f}M parameters, {cfg.dtype}, {device}) "
-        f"loaded in {time.perf_counter() - t0:.1f}s",
+        f"model {loaded.tag} ({n_params / 1e6:.1f}M parameters, {cfg.dtype}, {device}) loaded in {loaded.seconds:.1f}s",
         file=sys.stderr,
     )
-    if fitted[0].n_skipped:
-        print(f"skipped {fitted[0].n_skipped} question(s) longer than the model's context", file=sys.stderr)
-    return model, tokenizer, source, fitted[0]
+    if loaded.sets.n_skipped:
+        print(f"skipped {loaded.sets.n_skipped} question(s) longer than the model's context", file=sys.stderr)
+    return loaded
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
@@ -117,23 +100,23 @@ def cmd_split(args: argparse.Namespace) -> int:
             raise CnlError(
                 f"{args.out} already holds a split ({MANIFEST}); pass --force to replace it, or choose another --out"
             )
-        model, tokenizer, source, fitted = _load_model(
+        loaded = _load_model(
             cfg, {"dataset": rows}, sources={"dataset": args.dataset}, skip_long=args.skip_long_prompts
         )
         result = run_split(
-            fitted.rows["dataset"],
-            model,
-            tokenizer,
-            encoded=fitted.encoded["dataset"],
+            loaded.sets.rows["dataset"],
+            loaded.model,
+            loaded.tokenizer,
+            encoded=loaded.sets.encoded["dataset"],
             dataset_tag=tag,
-            model_tag=source.tag,
+            model_tag=loaded.tag,
             out_dir=args.out,
             batch_size=args.batch_size,
             extra={
                 "source": args.dataset,
                 "limit": args.limit,
-                "model_source": source.path_or_id,
-                "skipped_long_prompts": fitted.skipped["dataset"],
+                "model_source": loaded.source.path_or_id,
+                "skipped_long_prompts": loaded.sets.skipped["dataset"],
             },
         )
     m = result.manifest
@@ -201,12 +184,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------------------- train
-def resolve_train_configs(args: argparse.Namespace) -> ResolvedConfigs:
-    """The run's configs from the preset, ``--config`` and the flags the user gave."""
+def resolve_train_configs(args: argparse.Namespace) -> Any:
+    """The run's configs (:class:`cnl.resolve.ResolvedConfigs`) from the preset, ``--config`` and the flags
+    the user gave (a method's option flags among them)."""
+    from .resolve import method_values_from_namespace, resolve_configs
+
     return resolve_configs(
         config_file=args.config,
         preset=args.preset,
-        train=values_from_namespace(args, TrainConfig),
+        train={**values_from_namespace(args, TrainConfig), **method_values_from_namespace(args)},
         data=values_from_namespace(args, DataConfig),
         model=values_from_namespace(args, ModelConfig),
     )
@@ -229,15 +215,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .mask import SIGN_STORAGES
     from .methods import method_names
     from .optim import OPTIMIZERS
+    from .resolve import add_method_arguments
     from .sets import SETTINGS
 
     p = sub.add_parser(
         "train",
         help="train CNL or a baseline on the injection set",
-        description="Train with CNL (masked updates) or a baseline (ft, lora, replay), sample by sample, "
-        "reporting per epoch how many injection questions were learned and how many mastered questions were "
-        "forgotten (SPEC §4). Values come from the dataclass defaults, then the preset (the model's own by "
-        "default), then --config, then these flags.",
+        description="Train with CNL (masked updates) or a baseline "
+        f"({', '.join(m for m in method_names() if m != 'cnl')}), "
+        "sample by sample, reporting per epoch how many injection questions were learned and how many mastered "
+        "questions were forgotten (SPEC §4). Values come from the dataclass defaults, then the preset (the model's "
+        "own by default), then the method's own defaults, then --config, then these flags.",
     )
     p.add_argument("--out", required=True, type=Path, help="run directory (summary.csv, predictions, log, config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
@@ -253,10 +241,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "sign_storage": SIGN_STORAGES,
         },
         group_title="training",
+        help_overrides={"method": _method_help()},
     )
+    add_method_arguments(p)
     add_dataclass_arguments(p, DataConfig, group_title="data")
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_train)
+
+
+def _method_help() -> str:
+    from .resolve import method_help
+
+    return method_help()
 
 
 # --------------------------------------------------------------------------------------- analyze
@@ -270,19 +266,19 @@ def cmd_analyze_neurons(args: argparse.Namespace) -> int:
     files, rows = neuron_inputs(data)
     _check_batch_size(args.batch_size)
     with locked_output(args.out, "cnl analyze neurons"):
-        model, tokenizer, source, fitted = _load_model(cfg, rows, sources={k: str(v) for k, v in files.items()})
+        loaded = _load_model(cfg, rows, sources={k: str(v) for k, v in files.items()})
         content = run_neurons(
-            model,
-            fitted.encoded,
+            loaded.model,
+            loaded.sets.encoded,
             files,
             args.out,
-            meta={"model": source.tag, "model_source": source.path_or_id},
+            meta={"model": loaded.tag, "model_source": loaded.source.path_or_id},
             batch_size=args.batch_size,
-            pad_id=pad_token_id(tokenizer),
+            pad_id=pad_token_id(loaded.tokenizer),
         )
     o = content["overall"]
     print(
-        f"\n{source.tag}: {o['elements'] / 1e6:.2f}M parameters; "
+        f"\n{loaded.tag}: {o['elements'] / 1e6:.2f}M parameters; "
         f"|M| = {len(rows['mastered'])}, |I| = {len(rows['injection'])}"
     )
     print(
@@ -313,19 +309,19 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
     if "model" not in vars(args):
         cfg.model = inputs.base_model
     with locked_output(args.out, "cnl analyze distance"):
-        model, tokenizer, source, fitted = _load_model(
+        loaded = _load_model(
             cfg,
             {inputs.learn: inputs.learn_rows, inputs.forget: inputs.forget_rows},
             sources={n: inputs.info["sets"][n]["file"] for n in (inputs.learn, inputs.forget)},
         )
         summary = run_distance(
             inputs,
-            model,
-            fitted.encoded,
+            loaded.model,
+            loaded.sets.encoded,
             args.out,
-            model_tag=source.tag,
+            model_tag=loaded.tag,
             batch_size=args.batch_size,
-            pad_id=pad_token_id(tokenizer),
+            pad_id=pad_token_id(loaded.tokenizer),
         )
     table, follow = summary["table"], summary["thirds"]
     print(
@@ -403,10 +399,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import accuracies, general_sets, load_run_model, run_model_source, write_eval
+    from .evaluation import accuracies, general_sets, write_eval
     from .io import locked_output
-    from .models import load_from_config, pad_token_id
-    from .scoring import PromptEncoder, encode_sets
+    from .loading import run_model_source
+    from .models import pad_token_id
 
     if not args.general and not args.lm_eval:
         raise CnlError(
@@ -420,20 +416,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.run is not None:
         run_model_source(args.run)  # a run that saved no model fails now, not after the lm-eval datasets
     lm_tasks = _prepare_lm_eval(args)  # last of the checks (it may download): names, the extra, the datasets
-    fitted = []
-
-    def encode(tok: Any, context: int | None) -> None:
-        fitted.append(encode_sets(PromptEncoder(tok, style=cfg.prompt_style), sets, max_length=context))
-
-    t0 = time.perf_counter()
-    if args.run is not None:
-        model, tokenizer, tag = load_run_model(args.run, cfg, encode)
-    else:
-        model, tokenizer, source = load_from_config(cfg, check_tokenizer=encode)
-        tag = source.tag
-    print(f"model {tag} loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    content: dict[str, Any] = {"model": tag, "run": str(args.run) if args.run else None}
-    result = accuracies(model, fitted[0].encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer))
+    loaded = _load_model(cfg, sets, run_dir=args.run)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    content: dict[str, Any] = {"model": loaded.tag, "run": str(args.run) if args.run else None}
+    result = accuracies(model, loaded.sets.encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer))
     content["sets"] = result
     if result:
         print_table(
@@ -589,6 +575,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------- compare
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan_compare, run_compare
+    from .resolve import method_values_from_namespace
 
     plan = plan_compare(
         dataset=args.dataset,
@@ -597,7 +584,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         limit=args.limit,
         config_file=args.config,
         preset=args.preset,
-        train={k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
+        train={
+            **{k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
+            **method_values_from_namespace(args),
+        },
         model=values_from_namespace(args, ModelConfig),
         general=args.general,
     )
@@ -659,6 +649,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--general", default=None, metavar="SPEC", help="a general-knowledge set every run evaluates, e.g. mmlu:500"
     )
+    from .resolve import add_method_arguments
+
+    add_method_arguments(p, used_by="--methods ...")
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_compare)
 

@@ -1,7 +1,7 @@
 """``cnl compare``: the whole study in one resumable job: split, train each method, report.
 
 :func:`plan_compare` resolves every method's configuration (the one layering of
-:func:`cnl.config.resolve_configs`) and validates the dataset before any model loads;
+:func:`cnl.resolve.resolve_configs`) and validates the dataset before any model loads;
 :func:`run_compare` splits (or reuses a matching split), checks every run before any of them trains
 (sets, resumability), trains each method into ``runs/<method>-<optimizer>`` with ``resume`` (finished
 runs are reused), then writes the report.
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, ModelConfig, ResolvedConfigs, resolve_configs
+from .config import DataConfig, ModelConfig
 from .errors import CnlError, ConfigError
+from .resolve import ResolvedConfigs, resolve_configs
 
 __all__ = ["ComparePlan", "plan_compare", "run_compare"]
 
@@ -78,7 +79,13 @@ def plan_compare(
         get_method(m)  # an unknown name fails here, listing the known ones
     rows, tag = resolve_dataset(dataset, limit=limit)  # validated before the model loads
     configs = {
-        m: resolve_configs(config_file=config_file, preset=preset, train={**(train or {}), "method": m}, model=model)
+        m: resolve_configs(
+            config_file=config_file,
+            preset=preset,
+            train={**(train or {}), "method": m},
+            model=model,
+            strict_flags=False,
+        )
         for m in methods
     }
     for c in configs.values():
@@ -103,8 +110,8 @@ def run_compare(
     """Split, train every method, write the report; return the report content.
 
     ``load_model(model_config, {"dataset": rows}, sources=...)`` loads the model for the split and
-    returns ``(model, tokenizer, source, EncodedSets)`` (the CLI's loader prints what it loaded); it is
-    not called when a matching split exists.
+    returns a :class:`cnl.loading.Loaded` (the CLI's loader prints what it loaded); it is not called when
+    a matching split exists.
     """
     from .report import write_report
     from .split import read_split_manifest, run_split
@@ -119,20 +126,18 @@ def run_compare(
     limit = f" (first {plan.limit})" if plan.limit else ""
     say(f"== 1/{steps} split: {plan.tag}{limit} with {plan.source.tag}" + (" (reused)" if manifest else ""))
     if manifest is None:
-        model, tokenizer, source, fitted = load_model(
-            plan.model, {"dataset": plan.rows}, sources={"dataset": plan.dataset}
-        )
+        loaded = load_model(plan.model, {"dataset": plan.rows}, sources={"dataset": plan.dataset})
         result = run_split(
-            fitted.rows["dataset"],
-            model,
-            tokenizer,
-            encoded=fitted.encoded["dataset"],
+            loaded.sets.rows["dataset"],
+            loaded.model,
+            loaded.tokenizer,
+            encoded=loaded.sets.encoded["dataset"],
             dataset_tag=plan.tag,
-            model_tag=source.tag,
+            model_tag=loaded.tag,
             out_dir=plan.split_dir,
             extra=want,
         )
-        del model
+        del loaded
         manifest = result.manifest
     files = manifest["files"]
     say(

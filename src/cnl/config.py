@@ -2,9 +2,14 @@
 
 Each field carries its documentation as an attribute docstring (the string literal right after it),
 which :func:`field_docs` reads from the source, so ``--help`` text, YAML presets and the resolved
-config written into every run directory all describe the same fields. Values are layered by
-:func:`resolve_configs`, in order: dataclass defaults, the model's preset, the method's own defaults,
-the preset's per-method table, a YAML file (``--config``), then command-line flags.
+config written into every run directory all describe the same fields. A training method's own options
+are a dataclass of their own (a subclass of :class:`MethodOptions`, declared beside the method in
+:mod:`cnl.methods`), held by :attr:`TrainConfig.options`. Values are layered by
+:func:`cnl.resolve.resolve_configs`, in order: dataclass defaults, the model's preset, the method's own
+defaults, the preset's per-method table, a YAML file (``--config``), then command-line flags.
+
+This module is pure configuration: it imports nothing of cnl but its errors (and no torch), so the CLI
+can build its parser without loading the libraries.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import inspect
 import textwrap
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -30,9 +34,9 @@ __all__ = [
     "build_config",
     "to_dict",
     "DataConfig",
+    "MethodOptions",
     "TrainConfig",
-    "ResolvedConfigs",
-    "resolve_configs",
+    "option_key",
 ]
 
 T = TypeVar("T")
@@ -121,41 +125,62 @@ def add_dataclass_arguments(
     exclude: tuple[str, ...] = (),
     choices: dict[str, tuple[str, ...]] | None = None,
     group_title: str | None = None,
+    group_description: str | None = None,
+    prefix: str = "",
+    help_overrides: dict[str, str] | None = None,
 ) -> None:
     """Add one ``--field-name`` flag per dataclass field, help text from its docstring.
 
     Flags default to ``argparse.SUPPRESS``: a flag the user did not give leaves no attribute, so it
-    cannot override a preset with a default value.
+    cannot override a preset with a default value. With ``prefix`` (a method's name), the flags are
+    ``--<prefix>-<field>`` and their destinations :func:`option_key` (``--my-method-rank`` -> ``my_method_rank``).
+    Fields whose type is not a scalar (``TrainConfig.options``) get no flag. ``help_overrides`` replaces
+    the docstring of some fields (a text built at run time, e.g. the list of registered methods).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    target = parser.add_argument_group(group_title) if group_title else parser
+    target = parser.add_argument_group(group_title, group_description) if group_title else parser
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.init:
             continue
         tp, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        if tp not in (int, float, str, bool):
+            continue
+        dest = option_key(prefix, f.name) if prefix else f.name
+        flag = "--" + dest.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help strings
+        help_text = (help_overrides or {}).get(f.name, docs.get(f.name, "")).replace("%", "%%")  # argparse formats
         if default is not None and tp is not bool:
             help_text += f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] = help_text + f" (default: {'on' if default else 'off'})"
         else:
             kw["type"] = _parse_scalar(tp, optional)
-            kw["metavar"] = f.name.upper()
+            kw["metavar"] = f.name.rstrip("_").upper()
             if choices and f.name in choices:
                 kw["choices"] = choices[f.name]
                 kw["metavar"] = "{" + ",".join(choices[f.name]) + "}"
         target.add_argument(flag, **kw)
 
 
-def values_from_namespace(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The fields of ``cls`` that the user actually gave on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
+def option_key(prefix: str, name: str) -> str:
+    """The flat key of a method's option: ``("adapter", "rank")`` -> ``adapter_rank``; ``("pull", "lambda_")`` ->
+    ``pull_lambda`` (a trailing underscore only avoids a Python keyword); ``("my-method", "x")`` -> ``my_method_x``."""
+    return f"{prefix}_{name.rstrip('_')}".replace("-", "_")
+
+
+def values_from_namespace(ns: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` that the user actually gave on the command line (by field name; with
+    ``prefix``, read from the prefixed flags of :func:`add_dataclass_arguments`)."""
+    given = vars(ns)
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = option_key(prefix, f.name) if prefix else f.name
+        if key in given:
+            out[f.name] = given[key]
+    return out
 
 
 def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
@@ -194,8 +219,15 @@ def build_config(cls: type[T], *layers: tuple[str, dict[str, Any]]) -> T:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass config as a plain dict (for YAML/JSON)."""
-    return dataclasses.asdict(cfg)
+    """A dataclass config as a plain dict (for YAML/JSON). A :class:`TrainConfig`'s method options
+    appear under the method's name (``lora: {r: 16, ...}``), by their external names (``lambda``, not
+    ``lambda_``), as a config file gives them back."""
+    if not isinstance(cfg, TrainConfig):
+        return dataclasses.asdict(cfg)
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "options"}
+    if cfg.options is not None and dataclasses.fields(cfg.options):
+        out[cfg.method] = {f.name.rstrip("_"): getattr(cfg.options, f.name) for f in dataclasses.fields(cfg.options)}
+    return out
 
 
 @dataclasses.dataclass
@@ -226,11 +258,26 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class MethodOptions:
+    """Base class of a training method's own options (one dataclass per method, one docstring per field).
+
+    A method declares its subclass as ``options_class`` (:class:`cnl.methods.base.Method`); the CLI gets
+    one ``--<method>-<field>`` flag per field, and a YAML file gives them as ``<method>: {field: value}``
+    (or flat ``<method>_<field>: value``). A field named like a Python keyword ends with ``_``
+    (``lambda_``), which its flag and key leave out.
+    """
+
+    def validate(self) -> None:
+        """Reject impossible values (a :class:`~cnl.errors.ConfigError` naming the option); override."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """One training run: method, optimizer, setting and hyperparameters (SPEC §4)."""
 
     method: str = "cnl"
-    """cnl (masked update), ft (plain fine-tuning), lora (PEFT LoRA, no mask) or replay (SGD on I ∪ M1)."""
+    """The training method: cnl (the masked update) or a baseline (see 'cnl train --help' for every registered
+    method, and the method's own options)."""
     optimizer: str = "sgd"
     """sgd, momentum (0.9), adam or adamw (the mask applies to the optimizer's update)."""
     setting: str = "in-set"
@@ -255,27 +302,6 @@ class TrainConfig:
     """Adam ε."""
     adamw_weight_decay: float = 0.1
     """AdamW's decoupled decay λ (u = m̂/(√v̂+ε) + λθ)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA α."""
-    lora_dropout: float = 0.05
-    """LoRA dropout."""
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    """Comma-separated module names that get LoRA adapters."""
-    replay_seed: int = 42
-    """Seed of the one-time shuffle of I ∪ M1 for replay (the reference's shuffle was unseeded)."""
-    mofo_fraction: float = 0.15
-    """mofo: share of each tensor's elements stepped, those with the largest |momentum| (MoFO's runs: 15%)."""
-    hft_redraw: str = "epoch"
-    """hft: redraw the frozen half at every epoch (with the run's seed), or never (one draw)."""
-    ewc_lambda: float = 100.0
-    """ewc: strength λ of the penalty λ/2 Σ F (θ − θ*)² (F: diagonal Fisher of the reference set); an
-    SGD step is stable while lr · λ · max F < 2."""
-    ewc_fisher: str = "epoch"
-    """ewc: recompute the Fisher and the anchor θ* at every epoch, or once (at the start weights)."""
-    l2_alpha: float = 1000.0
-    """l2: strength α of the pull α/2 ||θ − θ₀||² to the starting weights (L2-SP)."""
     ref_batch_size: int = 8
     """Questions per backward pass when computing the reference gradient (memory vs speed)."""
     eval_batch_size: int = 16
@@ -306,97 +332,6 @@ class TrainConfig:
     from epoch 1)."""
     keep_checkpoint: bool = False
     """Keep the last epoch's checkpoint after a successful run (it is deleted otherwise)."""
-
-
-# ------------------------------------------------------------------------------------ layering
-@dataclasses.dataclass
-class ResolvedConfigs:
-    """The three configs of a run after layering, and the preset that applied (None: none)."""
-
-    train: TrainConfig
-    data: DataConfig
-    model: ModelConfig
-    preset: str | None
-
-
-_SECTIONS = ("train", "data", "model")
-
-
-def _file_sections(path: Path | None) -> dict[str, dict[str, Any]]:
-    """A ``--config`` file as ``{train, data, model}`` mappings.
-
-    Either a run's ``config.yaml`` (sections ``train``, ``data``, ``model``) or a flat mapping of
-    training options (a preset-like file, with an optional ``methods:`` table).
-    """
-    from .io import read_yaml
-
-    if path is None:
-        return {k: {} for k in _SECTIONS}
-    raw = read_yaml(path)
-    if not set(raw) & set(_SECTIONS):
-        return {"train": raw, "data": {}, "model": {}}
-    unknown = sorted(set(raw) - set(_SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown} (expected {', '.join(_SECTIONS)})")
-    out: dict[str, dict[str, Any]] = {}
-    for k in _SECTIONS:
-        section = raw.get(k) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: section '{k}' must be a mapping of option: value, got {type(section).__name__}")
-        out[k] = dict(section)
-    return out
-
-
-def per_method_layer(values: dict[str, Any], method: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a preset/config mapping into its base keys and its ``methods[method]`` table."""
-    base = dict(values)
-    per_method = base.pop("methods", None) or {}
-    if not isinstance(per_method, dict):
-        raise ConfigError(f"{source}: 'methods' must map method names to options")
-    override = per_method.get(method) or {}
-    if not isinstance(override, dict):
-        raise ConfigError(f"{source}: 'methods.{method}' must be a mapping of options")
-    return base, dict(override)
-
-
-def resolve_configs(
-    *,
-    config_file: Path | None = None,
-    preset: str | None = None,
-    train: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-    model: dict[str, Any] | None = None,
-) -> ResolvedConfigs:
-    """Layer every source of options into the run's configs (the one layering function of cnl).
-
-    Training options, lowest first: dataclass defaults; the preset's base keys (``preset``, else the
-    shipped preset named like the model); the method's own defaults (LoRA's learning rate is not the
-    full fine-tuning one); the preset's ``methods.<method>`` table; the ``--config`` file (base keys,
-    then its ``methods.<method>`` table); ``train`` (the flags the user gave). Data and model options
-    come from the file's sections, then ``data`` / ``model``.
-    """
-    from .methods import get_method
-    from .models import resolve_model_source
-    from .presets import find_preset_for_model, load_preset, preset_path
-
-    sections = _file_sections(config_file)
-    source = str(config_file)
-    cli_train = dict(train or {})
-    model_cfg = build_config(ModelConfig, (source, sections["model"]), ("command line", dict(model or {})))
-    data_cfg = build_config(DataConfig, (source, sections["data"]), ("command line", dict(data or {})))
-    name = cli_train.get("method") or sections["train"].get("method") or TrainConfig.method
-    method = get_method(str(name))
-    if preset is None:
-        preset = find_preset_for_model(resolve_model_source(model_cfg.model).tag)
-    else:
-        preset = preset_path(preset).stem  # the shipped spelling of a case-insensitive name
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if preset is not None:
-        base, own = per_method_layer(load_preset(preset), method.name, f"preset {preset}")
-        layers += [(f"preset {preset}", base), (f"{method.name} defaults", dict(method.defaults))]
-        layers.append((f"preset {preset} (methods.{method.name})", own))
-    else:
-        layers.append((f"{method.name} defaults", dict(method.defaults)))
-    base, own = per_method_layer(sections["train"], method.name, source)
-    layers += [(source, base), (f"{source} (methods.{method.name})", own), ("command line", cli_train)]
-    return ResolvedConfigs(build_config(TrainConfig, *layers), data_cfg, model_cfg, preset)
+    options: MethodOptions | None = None
+    """The method's own options (an instance of its ``options_class``, e.g. LoRA's rank); None: its
+    defaults, filled in when the configuration is validated."""

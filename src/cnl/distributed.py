@@ -10,8 +10,10 @@ here a no-op, so the one-process path is exactly the one without this module. Wi
   of means), also for a short last batch;
 - the parameters' post-accumulate-grad hooks see the reduced, sharded gradient (a DTensor), so the
   mask and the update run on the local shard inside the backward pass;
-- FSDP needs every rank in every forward and backward pass: a rank with no question left in a step
-  runs a dummy one with weight 0.
+- FSDP needs every rank in every forward and backward pass: :meth:`Dist.lockstep` gives every rank
+  the same number of passes, and a rank with nothing left runs a placeholder pass of weight 0;
+- checkpoints are one file per rank of its own shards (:mod:`cnl.rundir`), never
+  ``torch.distributed.checkpoint``'s pickled metadata.
 
 The backend is NCCL on CUDA and gloo on the CPU (where the tests run).
 """
@@ -19,13 +21,15 @@ The backend is NCCL on CUDA and gloo on the CPU (where the tests run).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Dist", "SINGLE", "from_env", "shard", "local", "is_sharded"]
+__all__ = ["Dist", "SINGLE", "from_env", "shard", "local", "is_sharded", "full_state_dict"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,14 @@ class Dist:
         t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
         torch.distributed.all_reduce(t)
         return float(t.item())
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` over the ranks."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank."""
@@ -84,10 +96,13 @@ class Dist:
         start = self.rank * per + min(self.rank, extra)
         return range(start, start + per + (1 if self.rank < extra else 0))
 
-    def steps_for(self, n: int, batch: int) -> int:
-        """Batches of ``batch`` needed by the rank with the largest share of ``n`` items (every rank runs that many)."""
-        largest = -(-n // self.world)
-        return -(-largest // batch)
+    def lockstep(self, items: Sequence[T]) -> Iterator[tuple[int, T | None]]:
+        """``(i, item)`` for this rank's ``items``, then ``(i, None)`` until every rank has had as many
+        steps as the rank with the most. FSDP needs every rank in every forward and backward pass, so the
+        caller runs a placeholder pass of weight 0 for ``None`` (this is the one place that decides it)."""
+        steps = self.max(len(items))
+        for i in range(steps):
+            yield i, (items[i] if i < len(items) else None)
 
 
 #: The one-process job.
@@ -115,25 +130,13 @@ def from_env(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank)
 
 
-def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """The transformer blocks of a Hugging Face causal LM (``model.model.layers`` and the usual aliases)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj: Any = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList) and len(obj):
-            return list(obj)
-    raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to shard")
-
-
 def shard(model: torch.nn.Module, dist: Dist, *, cpu_offload: bool = False) -> torch.nn.Module:
     """FSDP2: ``fully_shard`` each decoder layer, then the root; gradients reduce as plain sums (gloo has no
     pre-scaled sum, so the collectives are told to use sum only, with a divide factor of 1)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+    from .params import decoder_layers
 
     device_type = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dist.world,))
@@ -170,51 +173,6 @@ def is_sharded(t: torch.Tensor) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a sharded tensor (a DTensor); any other tensor unchanged."""
     return t.to_local() if is_sharded(t) else t
-
-
-# ---------------------------------------------------------------------------------- sharded checkpoints
-def save_sharded(folder: Any, model: torch.nn.Module, rule_state: dict[str, dict[str, Any]], dist: Dist) -> None:
-    """Every rank writes its shard of the weights and of the optimizer state into ``folder`` with
-    ``torch.distributed.checkpoint`` (a collective: call it on every rank).
-
-    Optimizer-state tensors are local shards shaped like their parameter's shard; they are wrapped as
-    DTensors with the parameter's placement, so the checkpoint describes them like the weights.
-    Non-tensor entries (Adam's step count) are the same on every rank and travel in the caller's JSON.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = {"model": get_model_state_dict(model), "rule": _rule_dtensors(model, rule_state)}
-    dcp.save(state, checkpoint_id=str(folder))
-
-
-def load_sharded(folder: Any, model: torch.nn.Module, rule_state: dict[str, dict[str, Any]]) -> None:
-    """Load :func:`save_sharded`'s files into the sharded model and into ``rule_state`` (whose tensors
-    must already exist with the right shapes: the caller fills them from the saved JSON layout)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = {"model": get_model_state_dict(model), "rule": _rule_dtensors(model, rule_state)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_model_state_dict(model, state["model"])
-    for name, entries in state["rule"].items():
-        for key, value in entries.items():
-            rule_state[name][key].copy_(local(value))
-
-
-def _rule_dtensors(model: torch.nn.Module, rule_state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    from torch.distributed.tensor import DTensor
-
-    params = dict(model.named_parameters())
-    out: dict[str, dict[str, Any]] = {}
-    for name, entries in rule_state.items():
-        p = params[name]
-        out[name] = {
-            key: DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            for key, value in entries.items()
-            if isinstance(value, torch.Tensor)
-        }
-    return out
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import CnlError
 
-__all__ = ["run_model_source", "load_run_model", "general_sets", "accuracies", "write_eval"]
+__all__ = ["general_sets", "accuracies", "write_eval"]
 
 
 def general_sets(specs: list[str]) -> dict[str, list[Any]]:
@@ -27,34 +27,6 @@ def general_sets(specs: list[str]) -> dict[str, list[Any]]:
             raise CnlError(f"--general {spec} given twice")
         sets[spec] = rows
     return sets
-
-
-def run_model_source(run_dir: str | Path) -> tuple[Path, dict[str, Any], bool]:
-    """``(model folder, run.json, is a LoRA adapter)`` of a run that saved its model (``--save-model``)."""
-    from .rundir import RunDir
-
-    run = RunDir(run_dir)
-    info = run.read_info()
-    if not (run.model / "config.json").is_file() and not (run.model / "adapter_config.json").is_file():
-        raise CnlError(f"{run.root} saved no model (train it with --save-model), or pass --model instead")
-    return run.model, info, (run.model / "adapter_config.json").is_file()
-
-
-def load_run_model(run_dir: str | Path, model_cfg: Any, check_tokenizer: Any = None) -> tuple[Any, Any, str]:
-    """Load a run's saved model: the full weights, or the LoRA adapter on the run's base model."""
-    import dataclasses
-
-    from .models import load_from_config
-
-    folder, info, adapter = run_model_source(run_dir)
-    if not adapter:
-        model, tok, source = load_from_config(dataclasses.replace(model_cfg, model=str(folder)), check_tokenizer)
-        return model, tok, source.tag
-    from peft import PeftModel
-
-    base = info.get("model_source") or (info.get("config") or {}).get("model", {}).get("model")
-    model, tok, source = load_from_config(dataclasses.replace(model_cfg, model=base), check_tokenizer)
-    return PeftModel.from_pretrained(model, str(folder)).eval(), tok, f"{source.tag}+{Path(run_dir).name}"
 
 
 def accuracies(model: Any, encoded: dict[str, list[Any]], *, batch_size: int = 16, pad_id: int = 0) -> dict[str, Any]:

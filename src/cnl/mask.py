@@ -22,8 +22,8 @@ Use it in any training loop, with any parameter set::
         ref.mask_(p, p.grad)                # plain SGD: the direction is the gradient
     optimizer.step()
 
-and :class:`cnl.MaskedOptimizer` (:mod:`cnl.optimizer`, also importable from here) applies the rule to
-the update of torch's SGD, Adam and AdamW as a real ``torch.optim.Optimizer``.
+and :class:`cnl.MaskedOptimizer` (:mod:`cnl.optimizer`, built on this module) applies the rule to the
+update of torch's SGD, Adam and AdamW as a real ``torch.optim.Optimizer``.
 """
 
 from __future__ import annotations
@@ -214,13 +214,3 @@ class SignReference:
         """Restore from :meth:`state_dict` given the keys in the same order."""
         self.storage = state["storage"]
         self._signs = dict(zip(keys, state["signs"], strict=True))
-
-
-def __getattr__(name: str) -> Any:
-    # ``from cnl.mask import MaskedOptimizer`` keeps working: the optimizer now lives in
-    # :mod:`cnl.optimizer` (which imports this module, hence the lazy lookup).
-    if name == "MaskedOptimizer":
-        from .optimizer import MaskedOptimizer
-
-        return MaskedOptimizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ read it back through :class:`RunDir` only::
     summary.csv       one row per finished epoch (SPEC columns, then masked fraction and seconds)
     predictions/      epoch_001_injection.jsonl, ... (label, predict_label, question)
     train.log
-    checkpoint/       latest.json -> epoch_NNN/ (weights and state; safetensors + JSON, no pickle)
+    checkpoint/       latest.json -> epoch_NNN/ (meta.json; rank_R.safetensors + rank_R.json per process:
+                      weights, optimizer and method state, RNG; never a pickle)
     model/            with --save-model: Hugging Face format (LoRA: the adapter)
 
 Every write goes through :mod:`cnl.io` (atomic files, atomic directories).
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .distributed import SINGLE
 from .errors import CnlError
 from .io import (
     atomic_dir,
@@ -46,6 +48,12 @@ INT_COLUMNS = ("epoch", "wrong_to_correct", "correct_to_wrong", "correct2_to_wro
 
 class RunDirError(CnlError):
     """A run directory is missing, damaged or not what the caller expects."""
+
+
+#: Version of the checkpoint layout (``meta.json``'s ``format``).
+CHECKPOINT_FORMAT = 2
+#: How to recover from a checkpoint that cannot be used.
+RECOVER_HINT = "delete the checkpoint/ folder and --resume again (the run then starts over from epoch 1)"
 
 
 @dataclass(frozen=True)
@@ -226,76 +234,49 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.checkpoints / "latest.json").exists()
 
-    def save_checkpoint(self, epoch: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Write epoch ``epoch``'s checkpoint as a complete folder, then point ``latest.json`` at it.
+    def save_checkpoint(self, epoch: int, state: dict[str, Any], meta: dict[str, Any], dist: Any = SINGLE) -> None:
+        """Write epoch ``epoch``'s checkpoint as a complete folder, then point ``latest.json`` at it. Call it
+        on every process (one process is the case of one rank).
 
-        ``state`` is a tree of dicts, lists, numbers, strings and tensors; tensors go to safetensors and
-        the rest to JSON, so loading a checkpoint never unpickles anything. The pointer is written after
-        the folder is complete, so a kill at any moment leaves the previous checkpoint valid; older
-        folders are removed only afterwards.
+        ``state`` is this process's own tree of dicts, lists, numbers, strings and tensors (its shards under
+        torchrun: weights, optimizer state with the method's hook state, RNG); its tensors go to
+        ``rank_R.safetensors`` and the rest to ``rank_R.json``. Rank 0 adds ``meta.json`` (``meta``: epoch,
+        summary rows; the world size). Loading therefore never unpickles anything. The folder is built
+        under a temporary name and renamed into place once every rank has written, and the pointer is
+        written after that, so a kill at any moment leaves the previous checkpoint valid; older folders
+        are removed only afterwards.
         """
+        import uuid
+
         from safetensors.torch import save_file
 
         name = f"epoch_{epoch:03d}"
+        tmp = Path(dist.broadcast(str(self.checkpoints / f".{name}.{uuid.uuid4().hex[:12]}.tmp")))
+
+        def agree(error: BaseException | None) -> None:
+            """Every rank stops (and the half-written folder goes) when any rank failed."""
+            if dist.any(error is not None):
+                if dist.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise error or RunDirError(f"{tmp}: another process could not write its part of the checkpoint")
+
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = _split_tensors(state, "", tensors)
-        with atomic_dir(self.checkpoints / name) as tmp:
-            cpu_weights = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
-            atomic_save(tmp / "weights.safetensors", lambda p: save_file(cpu_weights, p))
-            atomic_save(tmp / "state.safetensors", lambda p: save_file(tensors, p))
-            atomic_write_json(tmp / "state.json", skeleton)
-        atomic_write_json(self.checkpoints / "latest.json", {"epoch": epoch, "folder": name})
-        for old in self.checkpoints.iterdir():
-            if old.is_dir() and old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """``(weights, state)`` of the latest checkpoint, or None when there is none."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        pointer = self.checkpoints / "latest.json"
-        if not pointer.exists():
-            return None
-        hint = "delete the checkpoint/ folder and --resume again (the run then starts over from epoch 1)"
+        error: BaseException | None = None
         try:
-            folder = self.checkpoints / str(json.loads(pointer.read_text(encoding="utf-8"))["folder"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise RunDirError(f"{pointer}: damaged checkpoint pointer; {hint}") from None
-        if not folder.is_dir():
-            raise RunDirError(f"{pointer} points at {folder.name}, which is missing; {hint}")
+            skeleton = _split_tensors(state, "", tensors)
+            if dist.is_main:
+                tmp.mkdir(parents=True)
+        except Exception as e:
+            error = e
+        agree(error)
         try:
-            weights = load_file(str(folder / "weights.safetensors"))
-            tensors = load_file(str(folder / "state.safetensors"))
-            skeleton = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunDirError(f"{folder}: damaged checkpoint ({type(e).__name__}: {e}); {hint}") from None
-        return weights, _join_tensors(skeleton, tensors)
-
-    # ------------------------------------------------------------------ sharded checkpoints (torchrun)
-    def save_sharded_checkpoint(
-        self, epoch: int, model: torch.nn.Module, rule_state: dict[str, dict[str, Any]], meta: dict[str, Any], dist: Any
-    ) -> None:
-        """Every rank writes its shard (``torch.distributed.checkpoint``) into a fresh folder; rank 0 adds
-        ``state.json`` (``meta``, the optimizer state's layout and every rank's RNG) and then, after all
-        ranks finished, renames the folder into place and points ``latest.json`` at it. A kill at any
-        moment leaves the previous checkpoint valid. Call it on every rank."""
-        import uuid
-
-        from .distributed import save_sharded
-
-        name = f"epoch_{epoch:03d}"
-        tmp = dist.broadcast(str(self.checkpoints / f".{name}.{uuid.uuid4().hex[:12]}.tmp"))
+            atomic_save(tmp / f"rank_{dist.rank}.safetensors", lambda p: save_file(tensors, p))
+            atomic_write_json(tmp / f"rank_{dist.rank}.json", skeleton)
+        except Exception as e:  # a full disk may surface as safetensors' own error, not an OSError
+            error = e
+        agree(error)
         if dist.is_main:
-            Path(tmp).mkdir(parents=True)
-        dist.barrier()
-        save_sharded(Path(tmp) / "shards", model, rule_state, dist)
-        layout = {
-            n: {k: (None if isinstance(v, torch.Tensor) else v) for k, v in e.items()} for n, e in rule_state.items()
-        }
-        rngs = dist.gather(capture_rng())
-        if dist.is_main:
-            atomic_write_json(Path(tmp) / "state.json", {**meta, "rule_layout": layout, "rng": rngs})
+            atomic_write_json(tmp / "meta.json", {**meta, "world_size": dist.world, "format": CHECKPOINT_FORMAT})
             final = self.checkpoints / name
             if final.exists():
                 shutil.rmtree(final)
@@ -306,39 +287,49 @@ class RunDir:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def load_sharded_checkpoint(
-        self, model: torch.nn.Module, params: dict[str, torch.Tensor], dist: Any
-    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
-        """``(meta, rule_state)`` of the latest sharded checkpoint loaded into ``model`` (None: none);
-        ``params`` are the trainable parameters by name, whose shards shape the optimizer state."""
-        from .distributed import load_sharded, local
+    def load_checkpoint(self, dist: Any = SINGLE) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(meta, this process's state)`` of the latest checkpoint, or None when there is none. A damaged
+        or foreign checkpoint is a :class:`RunDirError` that names the file and how to recover."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         pointer = self.checkpoints / "latest.json"
         if not pointer.exists():
             return None
-        hint = "delete the checkpoint/ folder and --resume again (the run then starts over from epoch 1)"
         try:
             folder = self.checkpoints / str(json.loads(pointer.read_text(encoding="utf-8"))["folder"])
-            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise RunDirError(f"{pointer}: damaged checkpoint pointer; {RECOVER_HINT}") from None
+        if not folder.is_dir():
+            raise RunDirError(f"{pointer} points at {folder.name}, which is missing; {RECOVER_HINT}")
+        if not (folder / "meta.json").exists() and (folder / "state.json").exists():
             raise RunDirError(
-                f"{self.checkpoints}: damaged sharded checkpoint ({type(e).__name__}: {e}); {hint}"
+                f"{folder}: a checkpoint of an older cnl, which this version does not read; {RECOVER_HINT}"
+            )
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise TypeError("meta.json is not a JSON object")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise RunDirError(
+                f"{folder / 'meta.json'}: damaged checkpoint ({type(e).__name__}: {e}); {RECOVER_HINT}"
             ) from None
         if meta.get("world_size") != dist.world:
             raise RunDirError(
                 f"{folder}: written by {meta.get('world_size')} process(es), resumed with {dist.world}; "
                 "use the same number"
             )
-        rule_state = {
-            n: {k: (torch.zeros_like(local(params[n]), dtype=torch.float32) if v is None else v) for k, v in e.items()}
-            for n, e in meta["rule_layout"].items()
-        }
         try:
-            load_sharded(folder / "shards", model, rule_state)
-        except Exception as e:  # torch.distributed.checkpoint raises several kinds
-            raise RunDirError(f"{folder}: damaged sharded checkpoint ({type(e).__name__}: {e}); {hint}") from None
-        restore_rng(meta["rng"][dist.rank])
-        return meta, rule_state
+            tensors = load_file(str(folder / f"rank_{dist.rank}.safetensors"))
+            skeleton = json.loads((folder / f"rank_{dist.rank}.json").read_text(encoding="utf-8"))
+            state = _join_tensors(skeleton, tensors)
+        except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise RunDirError(f"{folder}: damaged checkpoint ({type(e).__name__}: {e}); {RECOVER_HINT}") from None
+        if not isinstance(state, dict):
+            raise RunDirError(
+                f"{folder / f'rank_{dist.rank}.json'}: damaged checkpoint (not an object); {RECOVER_HINT}"
+            )
+        return meta, state
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import DataError, MCRow
+from .distributed import SINGLE, Dist
 from .errors import CnlError
 from .models import pad_token_id
 
@@ -315,11 +316,15 @@ def predict(
     desc: str | None = "scoring",
     progress: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
+    dist: Dist = SINGLE,
+    placeholder: Encoded | None = None,
 ) -> Predictions:
     """SPEC §2 prediction for every question: argmax over candidate answer tokens, batched.
 
     ``progress=None`` shows a bar only on a terminal; ``on_batch`` is told how many questions each
-    finished batch held (used by callers with their own progress display).
+    finished batch held (used by callers with their own progress display). Under torchrun (``dist``)
+    each rank scores its own ``encoded`` and joins the other ranks' remaining passes with forward passes
+    on ``placeholder`` (a sharded model needs every rank in every pass).
     """
     was_training = model.training
     model.eval()
@@ -327,7 +332,11 @@ def predict(
     cand: list[list[float]] = [[] for _ in encoded]
     bar = tqdm(total=len(encoded), desc=desc, unit="q", disable=(progress is False) or None, leave=False)
     try:
-        for idx in iter_batches(encoded, batch_size):
+        for _, idx in dist.lockstep(list(iter_batches(encoded, batch_size))):
+            if idx is None:
+                assert placeholder is not None, "predict under torchrun needs a placeholder question"
+                last_token_logits(model, [placeholder.input_ids], pad_id)
+                continue
             logits = last_token_logits(model, [encoded[i].input_ids for i in idx], pad_id)
             # one gather and one device-to-host copy per batch (no sync per question on a GPU)
             width = max(len(encoded[i].candidates) for i in idx)

@@ -39,23 +39,14 @@ from .data import MCRow, read_mc_jsonl
 from .distributed import SINGLE, Dist, from_env, local
 from .errors import CnlError, ConfigError, Terminated
 from .io import locked_output
+from .loading import Loaded, load_for_sets
 from .mask import SignReference
 from .methods import Method, validate_train_config
-from .optim import ParameterUpdater, make_rule, sparse_embedding_grads
-from .reference import reference_sign
-from .rundir import RunDir, capture_rng, restore_rng
-from .scoring import (
-    Encoded,
-    EncodedSets,
-    Predictions,
-    PromptEncoder,
-    batch_losses,
-    encode_sets,
-    last_token_logits,
-    mc_batches,
-    predict,
-    spec_loss,
-)
+from .optim import UpdateHooks, sparse_embedding_grads
+from .optimizer import MaskedOptimizer, build_optimizer
+from .reference import accumulate_mean_gradient, reference_sign
+from .rundir import RECOVER_HINT, RunDir, RunDirError, capture_rng, restore_rng
+from .scoring import Encoded, Predictions, PromptEncoder, batch_losses, mc_batches, predict, spec_loss
 from .sets import SetRoles, resolve_set_files, roles_for
 
 __all__ = [
@@ -67,6 +58,7 @@ __all__ = [
     "load",
     "reference",
     "sign_reference",
+    "build_run_optimizer",
     "train_epoch",
     "evaluate",
     "record",
@@ -156,8 +148,7 @@ def train(
         meter = PeakMemory(next(run.model.parameters()).device)
         meter.reset()  # from here on: what training needs, not the loading of the full weights
         try:
-            in_backward = cfg.update_in_backward and run.plan.method.updates_in_backward
-            with run.updater.hooked(in_backward):
+            with run.optimizer.in_backward(run.in_backward):
                 for epoch in range(len(run.rows) + 1, cfg.epochs + 1):
                     t_epoch = time.perf_counter()
                     reference(run, epoch, progress=progress)
@@ -166,11 +157,11 @@ def train(
                     loss, masked = train_epoch(
                         run.model,
                         run.train_enc,
-                        run.updater,
+                        run.optimizer,
                         pad_id=run.pad_id,
                         batch_size=cfg.batch_size,
                         dist=dist,
-                        in_backward=in_backward,
+                        in_backward=run.in_backward,
                         sparse_embedding=cfg.sparse_embedding_grad,
                         lines=[r.line for r in run.train_rows],
                         where=f"epoch {epoch}",
@@ -272,7 +263,10 @@ def plan_run(
     method = validate_train_config(cfg)
     if dist.enabled:
         if not method.supports_sharding:
-            raise ConfigError(f"--method {method.name} does not run sharded over several processes yet; use one")
+            raise ConfigError(
+                f"--method {method.name} does not run sharded over several processes yet ({method.sharding_refusal}); "
+                "use one process"
+            )
         if cfg.ref_chunks > 1:
             raise ConfigError("--ref-chunks splits the parameters of one process; with several processes use 1")
     elif cfg.cpu_offload:
@@ -356,7 +350,13 @@ def _check_sets_not_empty(
 
 def _check_resumable(previous: dict[str, Any], resolved: dict[str, Any], set_info: dict[str, Any]) -> None:
     """A resumed run must have the same configuration (epochs may grow), sets and model."""
-    old_train = {k: v for k, v in previous["config"]["train"].items() if k not in RESUMABLE_CHANGES}
+    from .resolve import normalize_train_dict
+
+    try:
+        old_train = normalize_train_dict(previous["config"]["train"])
+    except (CnlError, KeyError, TypeError) as e:
+        raise RunDirError(f"run.json: damaged, its recorded training options cannot be read ({e})") from None
+    old_train = {k: v for k, v in old_train.items() if k not in RESUMABLE_CHANGES}
     new_train = {k: v for k, v in resolved["train"].items() if k not in RESUMABLE_CHANGES}
     diff = sorted(k for k in new_train if old_train.get(k) != new_train[k])
     if diff:
@@ -418,7 +418,11 @@ def _run_log(rundir: RunDir, echo: bool) -> Iterator[Callable[[str], None]]:
 # ================================================================================== 2. load
 @dataclasses.dataclass
 class Run:
-    """A run in progress: the plan, the prepared model, the encoded sets and the updater."""
+    """A run in progress: the plan, the prepared model, the encoded sets and the optimizer.
+
+    It is the :class:`cnl.methods.TrainingContext` a method's epoch hook sees: the model, the trainable
+    parameters, the method's hooks, the processes, and the gradient passes over the reference set.
+    """
 
     plan: RunPlan
     model: torch.nn.Module
@@ -427,7 +431,7 @@ class Run:
     encoded: dict[str, list[Encoded]]
     train_rows: list[MCRow]
     train_enc: list[Encoded]
-    updater: ParameterUpdater
+    optimizer: MaskedOptimizer
     rows: list[dict[str, Any]]
     info: dict[str, Any]
     say: Callable[[str], None]
@@ -444,6 +448,77 @@ class Run:
     def rundir(self) -> RunDir:
         return self.plan.rundir
 
+    @property
+    def dist(self) -> Dist:
+        return self.plan.dist
+
+    @property
+    def params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return self.optimizer.named_parameters()
+
+    @property
+    def hooks(self) -> UpdateHooks | None:
+        return self.optimizer.hooks
+
+    @property
+    def in_backward(self) -> bool:
+        """Whether updates happen inside the backward pass (else after it: A-GEM needs the whole gradient)."""
+        return self.cfg.update_in_backward and self.plan.method.updates_in_backward
+
+    # ------------------------------------------------------------------ gradient passes (TrainingContext)
+    def mean_gradient(self) -> None:
+        """Add the mean SPEC-loss gradient over the reference set to the trainable ``.grad`` (this rank's
+        shard: every rank takes a contiguous share, divides by the set's size, and the sums reduce)."""
+        questions = self.encoded[self.roles.reference]
+        n, dist, model = len(questions), self.dist, self.model
+        if not dist.enabled:
+            accumulate_mean_gradient(
+                model, mc_batches(questions, self.cfg.ref_batch_size), spec_loss(self.pad_id), n=n, progress=False
+            )
+            return
+        was_training = model.training
+        model.eval()  # as in the one-process reference: a property of the parameters, no dropout
+        try:
+            share = [questions[i] for i in dist.share(n)]
+            for _, batch in dist.lockstep(mc_batches(share, self.cfg.ref_batch_size)):
+                _loss(model, batch, self.pad_id, n, placeholder=questions[0])[0].backward()
+        finally:
+            model.train(was_training)
+
+    def example_gradients(self) -> Iterator[int]:
+        """One reference question at a time: its loss gradient in the trainable ``.grad`` (under torchrun
+        every rank takes the same question at 1/N of its weight, so the reduced sum is its gradient)."""
+        questions = self.encoded[self.roles.reference]
+        model, params, world = self.model, self.params, self.dist.world
+        was_training = model.training
+        model.eval()
+        try:
+            for e in questions:
+                for _, p in params:
+                    p.grad = None
+                _loss(model, [e], self.pad_id, world)[0].backward()
+                yield len(questions)
+        finally:
+            for _, p in params:
+                p.grad = None
+            model.train(was_training)
+
+
+def _loss(
+    model: torch.nn.Module,
+    batch: Sequence[Encoded] | None,
+    pad_id: int,
+    divisor: float,
+    placeholder: Encoded | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """``(the batch's loss sum divided by divisor, the losses)``, to back-propagate. ``batch`` None: a
+    placeholder pass of weight 0 on ``placeholder`` (a rank with nothing left joins FSDP's collectives)."""
+    if batch is None:
+        assert placeholder is not None
+        return batch_losses(model, [placeholder], pad_id).sum() * 0.0, []
+    losses = batch_losses(model, batch, pad_id)
+    return losses.sum() / divisor, losses.detach().tolist()
+
 
 def load(
     plan: RunPlan,
@@ -454,8 +529,8 @@ def load(
     model_tag: str | None = None,
     say: Callable[[str], None] = print,
 ) -> Run:
-    """Load and prepare the model, encode the sets, build the updater, restore a checkpoint, write run.json."""
-    cfg, roles, sets = plan.cfg, plan.roles, plan.sets
+    """Load and prepare the model, encode the sets, build the optimizer, restore a checkpoint, write run.json."""
+    cfg, roles = plan.cfg, plan.roles
     if model_cfg.dtype != "float32":
         say(
             f"note: training in {model_cfg.dtype}; SPEC trains in float32, and updates at small learning rates "
@@ -463,80 +538,98 @@ def load(
         )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    sources = {name: info.get("file", info.get("spec")) for name, info in plan.set_info.items()}
-    fitted: list[EncodedSets] = []
-
-    def encode(tok: Any, context: int | None) -> None:
-        """Every question encoded once, lengths checked against the context, before the weights load."""
-        fitted.append(
-            encode_sets(
-                PromptEncoder(tok, style=model_cfg.prompt_style),
-                sets,
-                sources=sources,
-                max_length=context,
-                skip_long=plan.skip_long,
-            )
-        )
-
-    dist = plan.dist
-    if model is None:
-        from .models import load_from_config
-
-        # under torchrun every rank loads the weights on the CPU; sharding then moves only its shard
-        load_cfg = dataclasses.replace(model_cfg, device="cpu") if dist.enabled else model_cfg
-        model, tokenizer, source = load_from_config(load_cfg, check_tokenizer=encode)
-        model_tag = source.tag
-        model_source = None if source.kind == "embedded" else source.path_or_id
-    else:
-        from .models import context_length
-
-        encode(tokenizer, context_length(getattr(model, "config", None), tokenizer))
-        model_source = model_cfg.model
-    if model_source is not None and Path(model_source).exists():
-        model_source = str(Path(model_source).resolve())  # analyses find the base model from anywhere
-    assert tokenizer is not None
-    encoded, sets = fitted[0].encoded, fitted[0].rows
-    if fitted[0].n_skipped:
-        plan.sets = sets
-        counts = ", ".join(f"{len(v)} of {k}" for k, v in fitted[0].skipped.items() if v)
-        say(f"skipped {fitted[0].n_skipped} question(s) longer than the model's context ({counts})")
-        _check_sets_not_empty(plan.method, roles, sets, sources)
-    model = plan.method.prepare_model(model, cfg)
-    if dist.enabled:
+    loaded = _load_model(plan, model_cfg, model, tokenizer, say)
+    model = plan.method.prepare_model(loaded.model, cfg)
+    if plan.dist.enabled:
         from .distributed import shard
 
-        model = shard(model, dist, cpu_offload=cfg.cpu_offload)
-    encoder = PromptEncoder(tokenizer)
+        model = shard(model, plan.dist, cpu_offload=cfg.cpu_offload)
+    encoded, sets = loaded.sets.encoded, plan.sets
     pool_rows = [r for name in roles.train for r in sets[name]]
     pool_enc = [e for name in roles.train for e in encoded[name]]
     order = plan.method.training_order(len(pool_enc), cfg)
+    optimizer = build_run_optimizer(cfg, plan.method, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    rows: list[dict[str, Any]] = []
+    if plan.restart_note:
+        say(plan.restart_note)
+    elif plan.resume:
+        rows = _restore(plan.rundir, optimizer, plan.dist)
+        if rows:
+            say(f"resuming after epoch {len(rows)}")
+    info = _start_run_json(plan, loaded, model_tag, optimizer, rows)
+    n_params = sum(local(p).numel() for _, p in optimizer.named_parameters()) * plan.dist.world
+    say(
+        f"{cfg.method}/{cfg.optimizer} {roles.setting}: train on {'+'.join(roles.train)} ({len(pool_enc)}), "
+        f"learning on {roles.learn} ({len(sets[roles.learn])}), forgetting on {roles.forget} "
+        f"({len(sets[roles.forget])}), reference {roles.reference or '-'}, lr {cfg.lr:g}, "
+        f"{n_params / 1e6:.2f}M trainable parameters"
+    )
+    return Run(
+        plan=plan,
+        model=model,
+        tokenizer=loaded.tokenizer,
+        pad_id=PromptEncoder(loaded.tokenizer).pad_id,
+        encoded=encoded,
+        train_rows=[pool_rows[i] for i in order],
+        train_enc=[pool_enc[i] for i in order],
+        optimizer=optimizer,
+        rows=rows,
+        info=info,
+        say=say,
+    )
 
-    rule = make_rule(
+
+def _load_model(
+    plan: RunPlan, model_cfg: ModelConfig, model: Any, tokenizer: Any, say: Callable[[str], None]
+) -> Loaded:
+    """The model (or the one given) with every set encoded for it, the too-long prompts left out when asked
+    (the plan's sets then shrink to match)."""
+    sources = {name: info.get("file", info.get("spec")) for name, info in plan.set_info.items()}
+    # under torchrun every rank loads the weights on the CPU; sharding then moves only its shard
+    load_cfg = dataclasses.replace(model_cfg, device="cpu") if plan.dist.enabled and model is None else model_cfg
+    loaded = load_for_sets(
+        load_cfg, plan.sets, sources=sources, skip_long=plan.skip_long, model=model, tokenizer=tokenizer
+    )
+    if loaded.sets.n_skipped:
+        plan.sets = loaded.sets.rows
+        counts = ", ".join(f"{len(v)} of {k}" for k, v in loaded.sets.skipped.items() if v)
+        say(f"skipped {loaded.sets.n_skipped} question(s) longer than the model's context ({counts})")
+        _check_sets_not_empty(plan.method, plan.roles, plan.sets, sources)
+    return loaded
+
+
+def build_run_optimizer(
+    cfg: TrainConfig, method: Method, named_params: list[tuple[str, torch.nn.Parameter]]
+) -> MaskedOptimizer:
+    """The run's :class:`~cnl.optimizer.MaskedOptimizer` over the trainable parameters, with the method's hooks."""
+    return build_optimizer(
+        named_params,
         cfg.optimizer,
+        cfg.lr,
         momentum=cfg.momentum,
         beta1=cfg.beta1,
         beta2=cfg.beta2,
         eps=cfg.eps,
         adamw_weight_decay=cfg.adamw_weight_decay,
+        fused=cfg.fused_update,
+        hooks=method.make_hooks(cfg, named_params),
     )
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    updater = ParameterUpdater(trainable, rule, cfg.lr, fused=cfg.fused_update)
-    updater.hooks = plan.method.make_hooks(cfg, model)
-    rows: list[dict[str, Any]] = []
-    if plan.restart_note:
-        say(plan.restart_note)
-    elif plan.resume:
-        rows = _restore(plan.rundir, model, updater, dist)
-        if rows:
-            say(f"resuming after epoch {len(rows)}")
+
+
+def _start_run_json(
+    plan: RunPlan, loaded: Loaded, model_tag: str | None, optimizer: MaskedOptimizer, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """run.json (and config.yaml, and the summary's header) as the run starts or resumes."""
+    cfg, roles, sets, dist = plan.cfg, plan.roles, plan.sets, plan.dist
+    model_source = loaded.path_or_id if loaded.source is not None else plan.resolved["model"].get("model")
+    if model_source is not None and Path(model_source).exists():
+        model_source = str(Path(model_source).resolve())  # analyses find the base model from anywhere
     columns = summary_columns(roles, GENERAL in sets)
-    if dist.is_main:
-        plan.rundir.write_summary(columns, rows)
     info: dict[str, Any] = {
         "method": cfg.method,
         "optimizer": cfg.optimizer,
         "setting": roles.setting,
-        "model": model_tag,
+        "model": model_tag if loaded.source is None else loaded.tag,
         "model_source": model_source,
         "lr": cfg.lr,
         "epochs": cfg.epochs,
@@ -546,115 +639,92 @@ def load(
         "forget_set": roles.forget,
         "learn_total": len(sets[roles.learn]),
         "forget_total": len(sets[roles.forget]),
-        "trainable_parameters": updater.n_elements,
+        "trainable_parameters": sum(local(p).numel() for _, p in optimizer.named_parameters()) * dist.world,
         "world_size": dist.world,
         "batch_size": cfg.batch_size,
-        "skipped_long_prompts": {k: v for k, v in fitted[0].skipped.items() if v},
+        "skipped_long_prompts": {k: v for k, v in loaded.sets.skipped.items() if v},
         "columns": columns,
         "config": plan.resolved,
         "status": "running",
         "epochs_done": len(rows),
     }
     if dist.is_main:
+        plan.rundir.write_summary(columns, rows)
         plan.rundir.write_info(info)
         plan.rundir.write_config(plan.resolved)
-    say(
-        f"{cfg.method}/{cfg.optimizer} {roles.setting}: train on {'+'.join(roles.train)} ({len(pool_enc)}), "
-        f"learning on {roles.learn} ({len(sets[roles.learn])}), forgetting on {roles.forget} "
-        f"({len(sets[roles.forget])}), reference {roles.reference or '-'}, lr {cfg.lr:g}, "
-        f"{updater.n_elements / 1e6:.2f}M trainable parameters"
-    )
-    return Run(
-        plan=plan,
-        model=model,
-        tokenizer=tokenizer,
-        pad_id=encoder.pad_id,
-        encoded=encoded,
-        train_rows=[pool_rows[i] for i in order],
-        train_enc=[pool_enc[i] for i in order],
-        updater=updater,
-        rows=rows,
-        info=info,
-        say=say,
-    )
+    return info
 
 
-def _restore(rundir: RunDir, model: torch.nn.Module, updater: ParameterUpdater, dist: Dist) -> list[dict[str, Any]]:
-    """Load the latest checkpoint into the model, the optimizer state and the RNGs; return its summary rows."""
-    if dist.enabled:
-        loaded = rundir.load_sharded_checkpoint(model, dict(updater.params), dist)
-        if loaded is None:
-            return []
-        meta, updater.rule.state = loaded
-        return list(meta["summary"])
-    loaded = rundir.load_checkpoint()
+def _restore(rundir: RunDir, optimizer: MaskedOptimizer, dist: Dist) -> list[dict[str, Any]]:
+    """Load the latest checkpoint into the trainable weights, the optimizer (with the method's hook state)
+    and the RNGs; return its summary rows. Every tensor is checked against the model first."""
+    loaded = rundir.load_checkpoint(dist)
     if loaded is None:
         return []
-    weights, state = loaded
-    params = dict(updater.params)
-    if set(weights) != set(params):
-        raise TrainingError(f"{rundir.checkpoints}: checkpoint does not match the model's trainable parameters")
+    meta, state = loaded
+    where = rundir.checkpoints / f"epoch_{int(meta.get('epoch', 0)):03d}"
+    try:
+        weights, opt_state, rng, summary = state["weights"], state["optimizer"], state["rng"], list(meta["summary"])
+    except (KeyError, TypeError) as e:
+        raise RunDirError(f"{where}: damaged checkpoint (missing {e}); {RECOVER_HINT}") from None
+    params = dict(optimizer.named_parameters())
+    if not isinstance(weights, dict) or set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights or {})), sorted(set(weights or {}) - set(params))
+        raise RunDirError(
+            f"{where}: the checkpoint's weights do not match the model's trainable parameters (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); {RECOVER_HINT}"
+        )
+    for name, p in params.items():
+        t, target = weights[name], local(p)
+        if not isinstance(t, torch.Tensor) or t.shape != target.shape or t.dtype != target.dtype:
+            got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise RunDirError(
+                f"{where}: checkpoint tensor {name} is {got}, the model's is {list(target.shape)} {target.dtype}; "
+                f"{RECOVER_HINT}"
+            )
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise RunDirError(f"{where}: damaged optimizer state in the checkpoint ({e}); {RECOVER_HINT}") from None
     with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n].to(p.device, p.dtype))
-    updater.rule.load_state_dict(state["rule"], next(model.parameters()).device)
-    if updater.hooks is not None:
-        updater.hooks.load_state_dict(state.get("hooks") or {})
-    restore_rng(state["rng"])
-    return list(state["summary"])
+        for name, p in params.items():
+            local(p).copy_(weights[name].to(local(p).device))
+    try:
+        restore_rng(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise RunDirError(f"{where}: damaged RNG state in the checkpoint ({e}); {RECOVER_HINT}") from None
+    return summary
 
 
 # ================================================================================== 3. an epoch
 def reference(run: Run, epoch: int, *, progress: bool | None = None) -> None:
-    """SPEC §4 step 1: give the updater the sign of the mean gradient over the reference set at the current
+    """SPEC §4 step 1: give the optimizer the sign of the mean gradient over the reference set at the current
     weights (CNL), then let the method prepare its epoch (A-GEM's full reference, EWC's Fisher, HFT's draw)."""
-    updater = run.updater
+    optimizer = run.optimizer
     name = run.roles.reference
     if name is not None and run.plan.method.sign_reference:
-        updater.reference = None
-        params = [p for _, p in updater.params]
-        with updater.paused():
-            if run.plan.dist.enabled:
-                updater.reference = _sharded_sign_reference(run, run.encoded[name], params)
+        optimizer.reference = None
+        with optimizer.paused():
+            if run.dist.enabled:
+                run.mean_gradient()
+                ref = SignReference(run.cfg.sign_storage)
+                for _, p in run.params:  # each rank keeps the signs of its own shard
+                    ref.set(p, local(p.grad) if p.grad is not None else torch.zeros_like(local(p)))
+                    p.grad = None
+                optimizer.reference = ref
             else:
-                updater.reference = sign_reference(
+                optimizer.reference = sign_reference(
                     run.model,
                     run.encoded[name],
-                    params,
+                    [p for _, p in run.params],
                     pad_id=run.pad_id,
                     batch_size=run.cfg.ref_batch_size,
                     storage=run.cfg.sign_storage,
                     chunks=run.cfg.ref_chunks,
                     progress=progress,
                 )
-    with updater.paused():
+    with optimizer.paused():
         run.plan.method.begin_epoch(run, epoch)
-
-
-def _sharded_sign_reference(run: Run, questions: Sequence[Encoded], params: list[torch.nn.Parameter]) -> SignReference:
-    """The reference under torchrun: every rank takes a contiguous share of the set and divides its loss
-    sum by the set's size; the sharded gradients, reduced as sums, are then the exact global mean. Each
-    rank keeps the signs of its own shard only."""
-    dist, model, bs = run.plan.dist, run.model, run.cfg.ref_batch_size
-    n = len(questions)
-    batches = mc_batches([questions[i] for i in dist.share(n)], bs)
-    was_training = model.training
-    model.eval()  # as in the one-process reference: a property of the parameters, no dropout
-    for p in params:
-        p.grad = None
-    try:
-        for k in range(dist.steps_for(n, bs)):
-            if k < len(batches):
-                (batch_losses(model, batches[k], run.pad_id).sum() / n).backward()
-            else:  # every rank joins every pass; a rank whose share is used up adds nothing
-                (batch_losses(model, [questions[0]], run.pad_id).sum() * 0.0).backward()
-        ref = SignReference(run.cfg.sign_storage)
-        for p in params:
-            ref.set(p, local(p.grad) if p.grad is not None else torch.zeros_like(local(p)))
-            p.grad = None
-    finally:
-        model.train(was_training)
-    return ref
 
 
 def sign_reference(
@@ -685,7 +755,7 @@ def sign_reference(
 def train_epoch(
     model: torch.nn.Module,
     questions: Sequence[Encoded],
-    updater: ParameterUpdater,
+    optimizer: MaskedOptimizer,
     *,
     pad_id: int = 0,
     batch_size: int = 1,
@@ -702,48 +772,50 @@ def train_epoch(
     batch may be short. With ``dist`` (N processes) a step takes N × ``batch_size`` consecutive
     questions, rank r the r-th ``batch_size`` of them, and every rank divides its loss sum by the step's
     global count (the sharded gradients are reduced as sums): the order and the numbers do not depend on
-    N when N × ``batch_size`` is fixed. ``in_backward`` means the updater's hooks are attached and
-    update each parameter during the backward pass; otherwise the updater steps after it. A
-    non-finite loss stops with the question's file line (``lines``) before its update.
+    N when N × ``batch_size`` is fixed. ``in_backward`` means the optimizer's hooks are attached
+    (:meth:`MaskedOptimizer.in_backward`) and update each parameter during the backward pass; otherwise
+    the optimizer steps after it. A non-finite loss stops with the question's file line (``lines``)
+    before its update. The masked fraction is the share of the epoch's element-updates left frozen.
     """
     model.train()
     loss_sum = 0.0
-    updater.pop_masked()
+    optimizer.pop_counts()
     n = len(questions)
     per_step = batch_size * dist.world
-    steps = 0
+    steps = [(start, min(per_step, n - start)) for start in range(0, n, per_step)]
+    mine = [  # this rank's questions of each step; only the last step can leave a rank without any
+        r
+        for start, count in steps
+        if (r := range(start + dist.rank * batch_size, min(start + (dist.rank + 1) * batch_size, start + count)))
+    ]
     bar = tqdm(total=n, desc=f"{where} train".strip(), unit="q", disable=(progress is False) or None, leave=False)
     with sparse_embedding_grads(model, sparse_embedding and not dist.enabled):
-        for start in range(0, n, per_step):
-            count = min(per_step, n - start)
-            mine = range(start + dist.rank * batch_size, min(start + (dist.rank + 1) * batch_size, start + count))
-            # a rank with no question left in a short last step joins with a dummy one of weight 0
-            batch = [questions[i] for i in mine] or [questions[start]]
-            losses = batch_losses(model, batch, pad_id)
-            values = losses.detach().tolist() if mine else []
-            bad = [(i, v) for i, v in zip(mine, values, strict=True) if not math.isfinite(v)]
-            if dist.any(bool(bad)):
-                i, v = next((b for found in dist.gather(bad) for b in found), (start, float("nan")))
-                line = f" (line {lines[i]})" if lines is not None else ""
-                raise TrainingError(f"{where}, training sample {i + 1}{line}: loss is {v}; try a smaller learning rate")
-            (losses.sum() / count if mine else losses.sum() * 0.0).backward()
+        for i, idx in dist.lockstep(mine):
+            start, count = steps[i]
+            batch = None if idx is None else [questions[j] for j in idx]
+            total, losses = _loss(model, batch, pad_id, count, placeholder=questions[start])
+            bad = [(j, v) for j, v in zip(idx or (), losses, strict=True) if not math.isfinite(v)]
+            if dist.any(bool(bad)):  # stop before this step's update
+                j, v = next((b for found in dist.gather(bad) for b in found), (start, float("nan")))
+                line = f" (line {lines[j]})" if lines is not None else ""
+                raise TrainingError(f"{where}, training sample {j + 1}{line}: loss is {v}; try a smaller learning rate")
+            total.backward()
             if not in_backward:
-                updater.step()
-            loss_sum += sum(values)
-            steps += 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += sum(losses)
             bar.update(count)
     bar.close()
-    loss_sum = dist.sum(loss_sum)
-    masked = dist.sum(updater.pop_masked())
-    masked_fraction = masked / (updater.n_elements * steps) if updater.counts_frozen else 0.0
-    return loss_sum / n, masked_fraction
+    frozen, elements = optimizer.pop_counts()
+    frozen, elements = dist.sum(frozen), dist.sum(elements)
+    return dist.sum(loss_sum) / n, (frozen / elements if elements else 0.0)
 
 
 def _check_finite(run: Run, epoch: int) -> None:
     """Stop before anything of this epoch is written when the weights went non-finite."""
-    bad = [n for n, p in run.updater.params if not bool(torch.isfinite(local(p)).all())]
-    if run.plan.dist.any(bool(bad)):
-        bad = [n for names in run.plan.dist.gather(bad) for n in names] or ["on another process"]
+    bad = [n for n, p in run.params if not bool(torch.isfinite(local(p)).all())]
+    if run.dist.any(bool(bad)):
+        bad = [n for names in run.dist.gather(bad) for n in names] or ["on another process"]
         raise TrainingError(
             f"epoch {epoch}: the weights became non-finite ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}); try a smaller learning rate"
@@ -763,7 +835,7 @@ def evaluate(
     """Predictions on each set (SPEC §4 step 3: the learning and forgetting sets).
 
     With ``dist`` every rank scores a contiguous share of each set and the shares are gathered, in
-    order, on every rank; a rank with fewer batches runs dummy ones (FSDP needs every rank in every pass).
+    order, on every rank (ranks with fewer batches join the others' passes: :meth:`Dist.lockstep`).
     """
     out = {}
     for name, enc in sets.items():
@@ -773,10 +845,10 @@ def evaluate(
             )
             continue
         share = [enc[i] for i in dist.share(len(enc))]
-        mine = predict(model, share, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress)
-        with torch.no_grad():
-            for _ in range(dist.steps_for(len(enc), batch_size) - -(-len(share) // batch_size)):
-                last_token_logits(model, [enc[0].input_ids], pad_id)
+        mine = predict(
+            model, share, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress,
+            dist=dist, placeholder=enc[0],
+        )  # fmt: skip
         parts = dist.gather((mine.letters, mine.correct, mine.candidate_logits))
         out[name] = Predictions(*(sum((list(p[k]) for p in parts), []) for k in range(3)))
     return out
@@ -824,15 +896,14 @@ def record(
     if run.cfg.checkpoint:
         kept = f"epoch {epoch}'s results (summary.csv, predictions) are kept and the previous checkpoint is valid"
         with _disk_full_message(f"the checkpoint of epoch {epoch}", kept, checkpoint=True):
-            if dist.enabled:
-                meta = {"epoch": epoch, "summary": run.rows, "world_size": dist.world}
-                rundir.save_sharded_checkpoint(epoch, run.model, run.updater.rule.state, meta, dist)
-            else:
-                weights = {n: p for n, p in run.updater.params}
-                rule = run.updater.rule.state_dict()
-                hooks = run.updater.hooks.state_dict() if run.updater.hooks is not None else {}
-                state = {"epoch": epoch, "summary": run.rows, "rule": rule, "rng": capture_rng(), "hooks": hooks}
-                rundir.save_checkpoint(epoch, weights, state)
+            optimizer_state = run.optimizer.state_dict()
+            optimizer_state.pop("cnl_reference", None)  # recomputed at the start of every epoch
+            state = {
+                "weights": {n: local(p) for n, p in run.params},
+                "optimizer": optimizer_state,
+                "rng": capture_rng(),
+            }
+            rundir.save_checkpoint(epoch, state, {"epoch": epoch, "summary": run.rows}, dist)
     run.say(
         f"epoch {epoch:>3}/{run.cfg.epochs}  loss {row['train_avg_loss']:.4f}  "
         f"learned {learned}/{len(sets[roles.learn])}  forgotten {forgotten}/{len(sets[roles.forget])}  "

@@ -3,8 +3,23 @@
 The C file has no dependency beyond libm, so it builds in a fraction of a second with the system C
 compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``<cache>/kernels/<key>.so``; the key hashes the
 source, the flags, the compiler's version and the CPU's flags, so a shared home directory used by
-different machines never runs a library built for another CPU. The build is atomic and locked. When
-no compiler is found or the build fails, :func:`library` returns None and cnl uses the eager rules.
+different machines never runs a library built for another CPU. The build is atomic (a temporary
+directory, then ``os.replace``) and locked.
+
+The cache is trusted only as far as it is ours, since loading a library runs its code:
+
+- ``<cache>/kernels`` is created with mode 0700; an existing one must be a directory owned by the
+  current user and not writable by group or others. Otherwise it is not used: one warning names it
+  and this process builds into a fresh private directory (``tempfile.mkdtemp``, removed at exit).
+- a library there is loaded only when it is a regular file owned by the current user, not writable
+  by group or others, and its sha256 matches the digest recorded next to it (``<key>.so.sha256``,
+  written after the library is in place). Anything else is rebuilt and atomically replaced.
+
+``cc --version`` may take :data:`VERSION_TIMEOUT` seconds and one compile :data:`COMPILE_TIMEOUT`;
+a compiler that hangs is killed with its process group. Every failure (no compiler, a compile that
+fails or times out, a missing ``cpu.c``, a library without one of the kernels) gives one warning on
+the ``cnl.kernels`` logger, :func:`library` returns None and cnl uses the eager rules (slower, same
+numbers). :func:`library` is cached, so that happens once per process.
 
 A call on a large tensor is split into ranges run by a thread pool of ``torch.get_num_threads()``
 workers (ctypes releases the GIL), each worker using the caller's floating-point control word.
@@ -12,6 +27,7 @@ workers (ctypes releases the GIL), each worker using the caller's floating-point
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -20,6 +36,8 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -35,6 +53,11 @@ log = logging.getLogger("cnl.kernels")
 NAME = "cpu: fused C kernel"
 
 SOURCE = Path(__file__).with_name("cpu.c")
+#: Seconds allowed to ``cc --version`` and to one compile before the compiler is killed (eager fallback).
+VERSION_TIMEOUT = 10.0
+COMPILE_TIMEOUT = 60.0
+#: The file the loaded library came from (None while none is loaded).
+LOADED_FROM: Path | None = None
 #: Elements per sign block of the ``bits`` storage (ranges given to the kernels start on a block).
 BLOCK = 256
 #: Below this many elements a tensor is updated by the calling thread alone (a pool hand-off costs more).
@@ -71,6 +94,10 @@ _SIGNATURES: dict[str, list[Any]] = {
 }
 
 
+class _Unavailable(Exception):
+    """Why the CPU kernels cannot be used: the text of the one warning before the eager fallback."""
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -88,54 +115,206 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _try_build(cc: str, flags: list[str], out: Path) -> bool:
+def _uid() -> int | None:
+    """The user whose files the cache may hold (None where the system has no user ids)."""
+    return os.geteuid() if hasattr(os, "geteuid") else None
+
+
+def _trusted(st: os.stat_result, uid: int | None) -> bool:
+    """Whether a file or directory of status ``st`` is owned by ``uid`` and writable by nobody else."""
+    if uid is None:
+        return True
+    return st.st_uid == uid and not st.st_mode & 0o022
+
+
+def _describe(st: os.stat_result) -> str:
+    return f"owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}"
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` in its own process group, all of which is killed at the timeout.
+
+    (A compiler driver's children inherit the pipes: killing the driver alone would leave
+    ``communicate`` waiting for them.)
+    """
+    with subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if hasattr(os, "killpg"):
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=5)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _version(cc: str) -> str:
+    try:
+        return _run([cc, "--version"], VERSION_TIMEOUT).stdout
+    except subprocess.TimeoutExpired:
+        raise _Unavailable(f"`{cc} --version` did not answer within {VERSION_TIMEOUT:g} s") from None
+    except OSError as e:
+        raise _Unavailable(f"the C compiler {cc!r} cannot be run ({e})") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(f"{library.name}.sha256")
+
+
+def _cache_folder(uid: int | None) -> Path:
+    """``<cache>/kernels`` when it is ours alone (created 0700), else a fresh private directory (one warning)."""
+    from ..models import cache_root
+
+    folder = cache_root() / "kernels"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)  # whatever the umask
+        st = os.stat(folder)
+    except OSError as e:
+        why = f"cannot be created ({e})"
+    else:
+        if stat.S_ISDIR(st.st_mode) and _trusted(st, uid):
+            return folder
+        why = f"is not a directory that only you can write ({_describe(st)}; fix: chmod 700, or set CNL_CACHE)"
+    private = Path(tempfile.mkdtemp(prefix="cnl-kernels-"))
+    atexit.register(shutil.rmtree, private, True)
+    log.warning("the kernel cache %s %s: this process builds the CPU kernels into %s instead", folder, why, private)
+    return private
+
+
+def _usable(path: Path, uid: int | None) -> bool:
+    """Whether the library at ``path`` may be loaded: our regular file, writable only by us, digest as recorded."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or not _trusted(st, uid):
+        log.info("rebuilding %s: not a regular file that only you can write (%s)", path, _describe(st))
+        return False
+    try:
+        recorded = _digest_path(path).read_text().strip()
+    except OSError:
+        recorded = ""
+    if recorded != _sha256(path):
+        log.info("rebuilding %s: its sha256 is %s", path, "not recorded" if not recorded else "not the recorded one")
+        return False
+    return True
+
+
+def _try_build(cc: str, flags: list[str], out: Path) -> str | None:
+    """Build into ``out`` (atomically replaced, then its digest recorded); None on success, else the error."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         target = Path(tmp) / out.name
         cmd = [cc, *flags, str(SOURCE), "-o", str(target), "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
+        try:
+            proc = _run(cmd, COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise _Unavailable(
+                f"compiling the CPU kernels took more than {COMPILE_TIMEOUT:g} s: {' '.join(cmd)}"
+            ) from None
+        except OSError as e:
+            raise _Unavailable(f"the C compiler {cc!r} cannot be run ({e})") from None
+        if proc.returncode != 0 or not target.is_file():
             log.info("building the CPU kernels failed: %s\n%s", " ".join(cmd), proc.stderr[-2000:])
-            return False
+            return (proc.stderr.strip() or f"exit status {proc.returncode}")[-500:]
+        os.chmod(target, 0o755)  # whatever the umask: a group-writable library would not be trusted
+        digest = _sha256(target)
         os.replace(target, out)
-    return True
+        fd, sidecar = tempfile.mkstemp(dir=tmp)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(sidecar, _digest_path(out))
+    return None
+
+
+def _load() -> tuple[ctypes.CDLL, Path]:
+    cc = _compiler()
+    if cc is None:
+        raise _Unavailable("no C compiler found (set CC)")
+    try:
+        source = SOURCE.read_text()
+    except OSError as e:
+        raise _Unavailable(f"the C source of the CPU kernels cannot be read ({e})") from None
+    from ..io import exclusive
+
+    version = _version(cc)
+    key = hashlib.sha256("\0".join([source, " ".join(_FLAGS + _NATIVE), version, _cpu_flags()]).encode())
+    uid = _uid()
+    folder = _cache_folder(uid)
+    path = folder / f"cpu-{key.hexdigest()[:16]}.so"
+    with exclusive(folder / f"{path.name}.lock"):
+        if not _usable(path, uid):
+            error = _try_build(cc, _FLAGS + _NATIVE, path)
+            if error is not None:
+                error = _try_build(cc, _FLAGS, path)  # without -march=native
+            if error is not None:
+                raise _Unavailable(f"the CPU kernels did not build with {cc!r} ({error})")
+        lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise _Unavailable(f"the library {path} has no function {name}") from None
+        fn.argtypes = argtypes
+        fn.restype = _i64
+    try:
+        get_csr = lib.cnl_get_csr
+    except AttributeError:
+        raise _Unavailable(f"the library {path} has no function cnl_get_csr") from None
+    get_csr.restype = _u32
+    get_csr.argtypes = []
+    return lib, path
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, built on first use; None where it cannot be built (eager fallback)."""
+    """The loaded kernel library, built on first use; None where it cannot be built (eager fallback).
+
+    Every failure gives one warning (logger ``cnl.kernels``); the result is cached for the process.
+    """
+    global LOADED_FROM
+    LOADED_FROM = None
     if os.environ.get("CNL_KERNELS", "").lower() == "eager":
         return None
-    cc = _compiler()
-    if cc is None:
-        log.warning("no C compiler found (set CC): cnl uses its eager update rules (slower, same numbers)")
-        return None
-    from ..io import exclusive
-    from ..models import cache_root
-
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    except OSError:
+        lib, LOADED_FROM = _load()
+    except _Unavailable as e:
+        log.warning("%s: cnl uses its eager update rules (slower, same numbers)", e)
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS + _NATIVE), version, _cpu_flags()]).encode())
-    folder = cache_root() / "kernels"
-    path = folder / f"cpu-{key.hexdigest()[:16]}.so"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with exclusive(folder / f"{path.name}.lock"):
-            if not path.exists() and not (_try_build(cc, _FLAGS + _NATIVE, path) or _try_build(cc, _FLAGS, path)):
-                log.warning("the CPU kernels did not build: cnl uses its eager update rules (slower, same numbers)")
-                return None
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("the CPU kernels are unavailable (%s): cnl uses its eager update rules", e)
+    except Exception as e:  # an optional speed-up must never stop a run
+        log.warning(
+            "the CPU kernels are unavailable (%s: %s): cnl uses its eager update rules (slower, same numbers)",
+            type(e).__name__,
+            e,
+        )
         return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = _i64
-    lib.cnl_get_csr.restype = _u32
-    lib.cnl_get_csr.argtypes = []
     return lib
+
+
+def library_path() -> Path | None:
+    """The file of the loaded kernel library (loading it first); None with the eager fallback."""
+    library()
+    return LOADED_FROM
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -5,23 +5,26 @@ kept in full precision: 4 bytes per parameter). At every step, when the step's g
 it (g · g_ref < 0, over all parameters), g is projected onto the half-space that does not:
 g ← g − (g · g_ref / g_ref · g_ref) g_ref; then the optimizer's rule applies. The dot product needs the
 whole gradient, so the update runs after the backward pass (another 4 bytes per parameter at the step).
+Under torchrun every process keeps g_ref for its own shard, and the two dot products are sums over the
+processes' shards (all-reduced scalars).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from ..config import TrainConfig
+from ..distributed import local
 from ..optim import UpdateHooks
-from ..reference import accumulate_mean_gradient
-from ..scoring import mc_batches, spec_loss
-from . import register
-from .base import Method
+from .base import Method, TrainingContext, register
 
-if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from ..train import Run
+
+def _dot(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ a·b over the pairs, in float64."""
+    return sum(((a * b).sum(dtype=torch.float64) for a, b in tensors), torch.zeros((), dtype=torch.float64))
 
 
 class Projection(UpdateHooks):
@@ -32,22 +35,26 @@ class Projection(UpdateHooks):
         self.norm_sq = 0.0
         self.projected = 0
         self.steps = 0
+        #: Sums a scalar over the processes (identity in one process).
+        self.reduce: Callable[[float], float] = float
 
-    def before_step(self, params: list[tuple[str, torch.nn.Parameter]]) -> None:
+    def before_step(self, params: list[tuple[Any, torch.nn.Parameter]]) -> None:
         self.steps += 1
-        grads = [(n, p.grad) for n, p in params if p.grad is not None and n in self.reference]
-        dot = float(
-            sum(
-                ((g.to_dense() * self.reference[n]).sum(dtype=torch.float64) for n, g in grads),
-                torch.zeros((), dtype=torch.float64),
-            )
-        )
+        pairs = [
+            (local(p.grad).to_dense(), self.reference[n])
+            for n, p in params
+            if p.grad is not None and n in self.reference
+        ]
+        dot = self.reduce(float(_dot(pairs)))
         if dot < 0 and self.norm_sq > 0:
             scale = dot / self.norm_sq
             for n, p in params:
                 if n in self.reference:  # a parameter without a gradient has g = 0 there, and g' = -scale g_ref
-                    g = p.grad.to_dense() if p.grad is not None else torch.zeros_like(self.reference[n])
-                    p.grad = g.sub_(self.reference[n], alpha=scale)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    elif p.grad.is_sparse:
+                        p.grad = p.grad.to_dense()
+                    local(p.grad).sub_(self.reference[n], alpha=scale)
             self.projected += 1
 
 
@@ -57,31 +64,24 @@ class AGEM(Method):
     summary = "A-GEM: a step's gradient is projected off the reference gradient when they conflict"
     uses_reference = True
     updates_in_backward = False  # the projection needs the whole gradient first
-    supports_sharding = False
 
-    def make_hooks(self, cfg: TrainConfig, model: torch.nn.Module) -> UpdateHooks:
+    def make_hooks(self, cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> UpdateHooks:
         return Projection()
 
-    def begin_epoch(self, run: Run, epoch: int) -> None:
-        hooks = run.updater.hooks
+    def begin_epoch(self, ctx: TrainingContext, epoch: int) -> None:
+        hooks = ctx.hooks
         assert isinstance(hooks, Projection)
-        params = run.updater.params
-        for _, p in params:
+        hooks.reduce = ctx.dist.sum
+        for _, p in ctx.params:
             p.grad = None
-        questions = run.encoded[run.roles.reference]
-        accumulate_mean_gradient(
-            run.model,
-            mc_batches(questions, run.cfg.ref_batch_size),
-            spec_loss(run.pad_id),
-            n=len(questions),
-            progress=False,
-        )
-        hooks.reference = {n: (p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)) for n, p in params}
-        hooks.norm_sq = float(
-            sum((g.double().pow(2).sum() for g in hooks.reference.values()), torch.zeros((), dtype=torch.float64))
-        )
-        for _, p in params:
+        ctx.mean_gradient()
+        hooks.reference = {
+            n: (local(p.grad).to_dense() if p.grad is not None else torch.zeros_like(local(p))) for n, p in ctx.params
+        }
+        norm_sq = sum((g.double().pow(2).sum() for g in hooks.reference.values()), torch.zeros((), dtype=torch.float64))
+        hooks.norm_sq = ctx.dist.sum(float(norm_sq))
+        for _, p in ctx.params:
             p.grad = None
         if hooks.steps:
-            run.say(f"agem: {hooks.projected} of {hooks.steps} steps projected")
+            ctx.say(f"agem: {hooks.projected} of {hooks.steps} steps projected")
         hooks.projected = hooks.steps = 0

@@ -3,7 +3,8 @@
 The loss gains ``strength/2 · Σ F (θ − θ*)²`` (F = 1 for L2-SP); the loop adds its exact gradient,
 ``strength · F (θ − θ*)``, to each parameter's gradient before the optimizer's rule, which is the same
 update as back-propagating the penalty without building its graph. ``train_avg_loss`` stays the task
-loss. The anchor (and F) travel in checkpoints, so ``--resume`` continues with the same penalty.
+loss. The penalty is element-wise, so under torchrun every process keeps the anchor (and F) of its own
+shard only. Both travel in checkpoints, so ``--resume`` continues with the same penalty.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import Any
 
 import torch
 
+from ..distributed import local
 from ..optim import UpdateHooks
 
 __all__ = ["Pull"]
 
 
 class Pull(UpdateHooks):
-    """``grad += strength · F (θ − anchor)`` per parameter; F None means 1."""
+    """``grad += strength · F (θ − anchor)`` per parameter (this process's shard); F None means 1."""
 
     def __init__(self, strength: float) -> None:
         self.strength = strength
@@ -26,13 +28,13 @@ class Pull(UpdateHooks):
         self.fisher: dict[str, torch.Tensor] | None = None
 
     def set_anchor(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        self.anchor = {n: p.detach().to(torch.float32, copy=True) for n, p in named}
+        self.anchor = {n: local(p).detach().to(torch.float32, copy=True) for n, p in named}
 
     def adjust_grad_(self, key: Any, param: torch.Tensor, grad: torch.Tensor) -> None:
         anchor = self.anchor.get(key)
         if anchor is None or not self.strength:
             return
-        pull = param.detach().float() - anchor
+        pull = local(param).detach().float() - anchor
         if self.fisher is not None:
             pull.mul_(self.fisher[key])
         grad.add_(pull.to(grad.dtype), alpha=self.strength)

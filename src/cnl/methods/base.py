@@ -1,29 +1,92 @@
-"""What every training method declares: :class:`Method`.
+"""What every training method declares: :class:`Method`, its options, its hooks and what it may ask of a run.
 
-A method is one small class registered with :func:`cnl.methods.register`: its name, its defaults
-(with their source), the optimizers it allows, whether it needs a reference gradient, the setting it
-imposes (if any), how it prepares the model and in which order it trains. The one training loop
+A method is one small class registered with :func:`register`: its name, its defaults (with their
+source), its own options (a :class:`~cnl.config.MethodOptions` dataclass, one docstring per field, which
+become ``--<method>-<field>`` flags and a ``<method>:`` YAML section), the optimizers it allows, whether
+it needs a reference set, the setting it imposes (if any), how it prepares the model, in which order it
+trains, and the per-update hooks it adds (:class:`~cnl.optim.UpdateHooks`). The one training loop
 (:mod:`cnl.train`) asks the method these questions and never switches on its name.
+
+Methods sit below the loop: they see a run only through :class:`TrainingContext`, a narrow protocol
+(the model, its trainable parameters, the run's gradient passes over the reference set, a logger), so
+this package imports nothing of :mod:`cnl.train`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
+from ..config import MethodOptions, TrainConfig
 from ..errors import ConfigError
 from ..optim import OPTIMIZERS
 from ..sets import SETTINGS
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from ..distributed import Dist
     from ..optim import UpdateHooks
-    from ..train import Run
 
-__all__ = ["Method", "check_common_options"]
+__all__ = ["Method", "MethodOptions", "TrainingContext", "register", "registry", "check_common_options"]
+
+#: Every registered method by name (filled by :func:`register` as the method modules are imported).
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``--method cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
+        raise TypeError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registry() -> dict[str, Method]:
+    """The registered methods by name (as imported so far; :func:`cnl.methods.get_method` imports all)."""
+    return _REGISTRY
+
+
+class TrainingContext(Protocol):
+    """What a method's epoch hook may use of the run in progress (:class:`cnl.train.Run` provides it).
+
+    Gradient passes go through the context, so a method never needs to know the data format, the loss
+    (SPEC's letter loss or an answer loss) or whether the model is sharded over several processes.
+    """
+
+    @property
+    def cfg(self) -> TrainConfig:
+        """The run's resolved training configuration (``cfg.options``: the method's own options)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model being trained (sharded under torchrun)."""
+
+    @property
+    def params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trainable parameters by name, in the optimizer's order."""
+
+    @property
+    def hooks(self) -> UpdateHooks | None:
+        """The hooks this method's :meth:`Method.make_hooks` returned for the run."""
+
+    @property
+    def dist(self) -> Dist:
+        """The processes of the job (one unless under torchrun): reduce scalars with ``dist.sum``."""
+
+    def mean_gradient(self) -> None:
+        """Add the mean gradient of the run's loss over the reference set to every trainable ``.grad``
+        (each rank's shard under torchrun), at the current weights, in eval mode."""
+
+    def example_gradients(self) -> Iterator[int]:
+        """For each example of the reference set in turn, leave that example's gradient in the trainable
+        ``.grad`` (cleared before each) and yield the number of examples; ``.grad`` is cleared at the end."""
+
+    def say(self, message: str) -> None:
+        """Print and log a line (rank 0 only)."""
 
 
 def check_common_options(cfg: TrainConfig) -> None:
@@ -32,20 +95,19 @@ def check_common_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
     if cfg.setting not in SETTINGS:
         raise ConfigError(f"unknown setting {cfg.setting!r} (choose from {', '.join(SETTINGS)})")
-    for name in ("momentum", "beta1", "beta2", "lora_dropout"):
+    for name in ("momentum", "beta1", "beta2"):
         value = getattr(cfg, name)
         if not 0 <= value < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
-    for name in ("eps", "lora_alpha"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not cfg.eps > 0:
+        raise ConfigError(f"eps must be positive, got {cfg.eps}")
     if cfg.adamw_weight_decay < 0:
         raise ConfigError(f"adamw_weight_decay must be >= 0, got {cfg.adamw_weight_decay}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate must be a positive number, got {cfg.lr}")
     if cfg.epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
-    for name in ("batch_size", "ref_batch_size", "eval_batch_size", "ref_chunks", "lora_r"):
+    for name in ("batch_size", "ref_batch_size", "eval_batch_size", "ref_chunks"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     from ..mask import SIGN_STORAGES
@@ -59,8 +121,10 @@ class Method:
 
     #: Name used by ``--method`` and in run directories.
     name: ClassVar[str] = ""
-    #: One line for ``--help`` and the README.
+    #: One line for ``--help`` and the docs.
     summary: ClassVar[str] = ""
+    #: The method's own options (a :class:`~cnl.config.MethodOptions` dataclass; the base class has none).
+    options_class: ClassVar[type[MethodOptions]] = MethodOptions
     #: TrainConfig values that differ from the dataclass defaults for this method (source in a comment).
     defaults: ClassVar[Mapping[str, Any]] = {}
     #: Optimizers this method runs with.
@@ -76,20 +140,39 @@ class Method:
     fixed_setting: ClassVar[str | None] = None
     #: Whether reports measure other runs' forgetting reduction against this method's runs.
     baseline: ClassVar[bool] = False
-    #: Whether the method runs sharded over several processes (torchrun + FSDP2).
-    supports_sharding: ClassVar[bool] = True
+    #: Whether the method runs sharded over several processes (torchrun + FSDP2); else why not.
+    sharding_refusal: ClassVar[str | None] = None
 
-    # ------------------------------------------------------------------ validation
+    @property
+    def supports_sharding(self) -> bool:
+        return self.sharding_refusal is None
+
+    # ------------------------------------------------------------------ options and validation
+    def options(self, cfg: TrainConfig) -> Any:
+        """The run's options of this method (its ``options_class``), the defaults when none were given."""
+        opts = cfg.options
+        if opts is None:
+            return self.options_class()
+        if type(opts) is not self.options_class:
+            raise ConfigError(
+                f"the options given are {type(opts).__name__}, "
+                f"but method {self.name} takes {self.options_class.__name__}"
+            )
+        return opts
+
     def validate(self, cfg: TrainConfig) -> None:
-        """Everything that makes ``cfg`` impossible for this method, before any work."""
+        """Everything that makes ``cfg`` impossible for this method, before any work; fills ``cfg.options``
+        with the method's defaults when it holds none."""
         check_common_options(cfg)
+        cfg.options = self.options(cfg)
+        cfg.options.validate()
         self.resolve_setting(cfg.setting)
         if cfg.optimizer not in self.optimizers:
             raise ConfigError(f"{self.name} supports {', '.join(self.optimizers)} (SPEC §4), not {cfg.optimizer}")
         self.check(cfg)
 
     def check(self, cfg: TrainConfig) -> None:
-        """Method-specific checks (override)."""
+        """Method-specific checks beyond its options' own (override)."""
 
     def resolve_setting(self, requested: str) -> str:
         """The setting the run uses: ``requested``, or the method's own one."""
@@ -117,9 +200,10 @@ class Method:
         """Order of the ``n`` training questions, fixed for the whole run (default: file order)."""
         return list(range(n))
 
-    def make_hooks(self, cfg: TrainConfig, model: torch.nn.Module) -> UpdateHooks | None:
-        """The per-run changes to each update (:class:`~cnl.optim.UpdateHooks`); None: the rule alone."""
+    def make_hooks(self, cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> UpdateHooks | None:
+        """The per-run changes to each update (:class:`~cnl.optim.UpdateHooks`) for the trainable
+        ``params`` (by name, each rank's shard under torchrun); None: the rule alone."""
         return None
 
-    def begin_epoch(self, run: Run, epoch: int) -> None:
+    def begin_epoch(self, ctx: TrainingContext, epoch: int) -> None:
         """Per-epoch preparation after the sign reference (A-GEM's mean gradient, EWC's Fisher, HFT's draw)."""

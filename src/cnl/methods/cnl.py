@@ -7,8 +7,7 @@ loop computes the reference because this method says it uses one.
 
 from __future__ import annotations
 
-from . import register
-from .base import Method
+from .base import Method, register
 
 
 @register

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from . import register
-from .base import Method
+from .base import Method, register
 
 
 @register

@@ -11,22 +11,28 @@ state does not move either), as in HFT.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..analyze import classify_parameter
+from ..config import MethodOptions, TrainConfig
 from ..errors import ConfigError
 from ..optim import UpdateHooks
-from . import register
-from .base import Method
+from ..params import ATTENTION_KINDS, FFN_KINDS, classify_parameter
+from .base import Method, TrainingContext, register
 
-if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from ..train import Run
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN = ("gate_proj", "up_proj", "down_proj")
+@dataclass
+class HFTOptions(MethodOptions):
+    """HFT's own options."""
+
+    redraw: str = "epoch"
+    """Redraw the frozen half at every epoch (with the run's seed), or never (one draw for the run)."""
+
+    def validate(self) -> None:
+        if self.redraw not in ("epoch", "never"):
+            raise ConfigError(f"hft_redraw must be epoch or never, got {self.redraw!r}")
 
 
 class HalfFreeze(UpdateHooks):
@@ -39,7 +45,7 @@ class HalfFreeze(UpdateHooks):
         self.norms: list[str] = []
         for name in names:
             layer, kind = classify_parameter(name)
-            if kind in ATTENTION or kind in FFN:
+            if kind in ATTENTION_KINDS or kind in FFN_KINDS:
                 self.groups.setdefault((layer, kind), []).append(name)
             elif kind == "norm":
                 self.norms.append(name)
@@ -50,13 +56,13 @@ class HalfFreeze(UpdateHooks):
         frozen: set[str] = set()
         layers = sorted({layer for layer, _ in self.groups}, key=lambda x: (x is None, x or 0))
         for layer in layers:
-            attention = [k for k in ATTENTION if (layer, k) in self.groups]
+            attention = [k for k in ATTENTION_KINDS if (layer, k) in self.groups]
             for kind in rng.sample(attention, len(attention) // 2):
                 frozen.update(self.groups[(layer, kind)])
-        ffn_layers = [layer for layer in layers if any((layer, k) in self.groups for k in FFN)]
+        ffn_layers = [layer for layer in layers if any((layer, k) in self.groups for k in FFN_KINDS)]
         heavy = set(rng.sample(ffn_layers, (len(ffn_layers) + 1) // 2))  # 2 of 3 frozen here, 1 of 3 elsewhere
         for layer in ffn_layers:
-            kinds = [k for k in FFN if (layer, k) in self.groups]
+            kinds = [k for k in FFN_KINDS if (layer, k) in self.groups]
             for kind in rng.sample(kinds, min(len(kinds), 2 if layer in heavy else 1)):
                 frozen.update(self.groups[(layer, kind)])
         frozen.update(rng.sample(sorted(self.norms), len(self.norms) // 2))
@@ -70,16 +76,13 @@ class HalfFreeze(UpdateHooks):
 class HalfFineTuning(Method):
     name = "hft"
     summary = "Half Fine-Tuning: half of the parameters frozen by category, redrawn every epoch"
+    options_class = HFTOptions
 
-    def check(self, cfg: TrainConfig) -> None:
-        if cfg.hft_redraw not in ("epoch", "never"):
-            raise ConfigError(f"hft_redraw must be epoch or never, got {cfg.hft_redraw!r}")
+    def make_hooks(self, cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> UpdateHooks:
+        return HalfFreeze([n for n, _ in params])
 
-    def make_hooks(self, cfg: TrainConfig, model: torch.nn.Module) -> UpdateHooks:
-        return HalfFreeze([n for n, p in model.named_parameters() if p.requires_grad])
-
-    def begin_epoch(self, run: Run, epoch: int) -> None:
-        draw = epoch if run.cfg.hft_redraw == "epoch" else 1
-        hooks = run.updater.hooks
+    def begin_epoch(self, ctx: TrainingContext, epoch: int) -> None:
+        draw = epoch if self.options(ctx.cfg).redraw == "epoch" else 1
+        hooks = ctx.hooks
         assert isinstance(hooks, HalfFreeze)
-        hooks.draw(random.Random(f"hft:{run.cfg.seed}:{draw}"))
+        hooks.draw(random.Random(f"hft:{ctx.cfg.seed}:{draw}"))

@@ -9,31 +9,36 @@ knowledge injection at lr 3e-5 would do nothing, while α = 1000 pulls back 3% p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
+from ..config import MethodOptions, TrainConfig
 from ..errors import ConfigError
 from ..optim import UpdateHooks
-from . import register
 from .anchors import Pull
-from .base import Method
+from .base import Method, register
 
-if TYPE_CHECKING:
-    from ..config import TrainConfig
+
+@dataclass
+class L2Options(MethodOptions):
+    """L2-SP's own options."""
+
+    alpha: float = 1000.0
+    """Strength α of the pull α/2 ||θ − θ₀||² to the starting weights."""
+
+    def validate(self) -> None:
+        if not self.alpha >= 0:
+            raise ConfigError(f"l2_alpha must be >= 0, got {self.alpha}")
 
 
 @register
 class L2SP(Method):
     name = "l2"
     summary = "L2-SP: a pull α/2 ||θ − θ₀||² back to the starting weights"
-    supports_sharding = False  # the anchor is not wired into sharded checkpoints yet
+    options_class = L2Options
 
-    def check(self, cfg: TrainConfig) -> None:
-        if not cfg.l2_alpha >= 0:
-            raise ConfigError(f"l2_alpha must be >= 0, got {cfg.l2_alpha}")
-
-    def make_hooks(self, cfg: TrainConfig, model: torch.nn.Module) -> UpdateHooks:
-        hooks = Pull(cfg.l2_alpha)  # the anchor: the weights as loaded, before any step
-        hooks.set_anchor([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    def make_hooks(self, cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> UpdateHooks:
+        hooks = Pull(self.options(cfg).alpha)  # the anchor: the weights as loaded, before any step
+        hooks.set_anchor(params)
         return hooks

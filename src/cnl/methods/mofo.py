@@ -10,17 +10,27 @@ AdamW variant) and a fraction of 0.15, the value of MoFO's own runs.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..config import MethodOptions, TrainConfig
 from ..errors import ConfigError
 from ..optim import UpdateHooks
-from . import register
-from .base import Method
+from .base import Method, register
 
-if TYPE_CHECKING:
-    from ..config import TrainConfig
+
+@dataclass
+class MoFOOptions(MethodOptions):
+    """MoFO's own options."""
+
+    fraction: float = 0.15
+    """Share of each tensor's elements stepped: those with the largest |first moment| (MoFO's runs: 15%)."""
+
+    def validate(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"mofo_fraction must be in (0, 1], got {self.fraction}")
 
 
 class MomentumFilter(UpdateHooks):
@@ -31,12 +41,11 @@ class MomentumFilter(UpdateHooks):
     def __init__(self, fraction: float, always: set[str]) -> None:
         self.fraction = fraction
         self.always = always
-        self.select = self._select
 
-    def _select(self, key: Any, param: torch.Tensor, u: torch.Tensor, state: dict[str, Any] | None) -> int:
+    def select(self, key: Any, param: torch.Tensor, u: torch.Tensor, state: dict[str, Any] | None) -> int:
         if key in self.always or state is None:
             return 0
-        moment = state["m"] if "m" in state else state["v"]  # Adam's m; momentum's velocity
+        moment = state["exp_avg"] if "exp_avg" in state else state["momentum_buffer"]  # Adam's m; momentum's v
         flat = moment.detach().abs().reshape(-1)
         n = flat.numel()
         k = math.ceil(self.fraction * n)
@@ -52,14 +61,11 @@ class MomentumFilter(UpdateHooks):
 class MoFO(Method):
     name = "mofo"
     summary = "Momentum-Filtered Optimizer: each step moves only the top 15% of every tensor by |momentum|"
+    options_class = MoFOOptions
     defaults = {"optimizer": "adamw"}  # MoFO filters AdamW's update
     optimizers = ("momentum", "adam", "adamw")  # it needs a first moment
-    supports_sharding = False  # the top-k of a tensor needs the whole tensor
+    sharding_refusal = "the top-k of a tensor needs the whole tensor, not one process's shard"
 
-    def check(self, cfg: TrainConfig) -> None:
-        if not 0 < cfg.mofo_fraction <= 1:
-            raise ConfigError(f"mofo_fraction must be in (0, 1], got {cfg.mofo_fraction}")
-
-    def make_hooks(self, cfg: TrainConfig, model: torch.nn.Module) -> UpdateHooks:
-        always = {n for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1}
-        return MomentumFilter(cfg.mofo_fraction, always)
+    def make_hooks(self, cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> UpdateHooks:
+        always = {n for n, p in params if p.dim() <= 1}
+        return MomentumFilter(self.options(cfg).fraction, always)

@@ -10,17 +10,19 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import SPEC_OPTIMIZERS
+from helpers import SPEC_OPTIMIZERS, train_tiny
 
 import cnl.methods
 import cnl.models
 import cnl.presets
 import cnl.train as T
-from cnl.config import DataConfig, ModelConfig, TrainConfig, resolve_configs
+from cnl.config import DataConfig, ModelConfig, TrainConfig
 from cnl.errors import ConfigError
 from cnl.methods import Method, get_method, is_baseline, method_names, register, validate_train_config
+from cnl.methods.base import registry
 from cnl.models import resolve_model_source
 from cnl.optim import OPTIMIZERS
+from cnl.resolve import resolve_configs, train_config
 from cnl.scoring import PromptEncoder
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
 
@@ -47,7 +49,7 @@ def test_method_names_and_unknown_method() -> None:
 
 def test_register_refuses_nameless_and_duplicate_methods() -> None:
     method_names()  # load every shipped method first, so that "ft" is taken
-    before = dict(cnl.methods._REGISTRY)
+    before = dict(registry())
 
     class Nameless(Method):
         pass
@@ -60,7 +62,7 @@ def test_register_refuses_nameless_and_duplicate_methods() -> None:
 
     with pytest.raises(TypeError, match="registered twice"):
         register(AnotherFt)
-    after = dict(cnl.methods._REGISTRY)
+    after = dict(registry())
     assert after == before
     assert type(get_method("ft")).__name__ == "FineTuning"
 
@@ -139,17 +141,23 @@ def test_resolve_setting_of_replay() -> None:
 @pytest.mark.parametrize("targets", ["", " , ", ",", "  "])
 def test_lora_empty_targets_rejected_by_validate(targets: str) -> None:
     with pytest.raises(ConfigError, match="lora_targets names no module"):
-        get_method("lora").validate(TrainConfig(method="lora", lora_targets=targets))
+        get_method("lora").validate(train_config(method="lora", lora_targets=targets))
 
 
 def test_lora_targets_with_spaces_accepted() -> None:
-    get_method("lora").validate(TrainConfig(method="lora", lora_targets=" q_proj , v_proj ,"))
+    """Spaces and a trailing comma are tolerated: the adapters go on exactly the named modules."""
+    cfg = train_config(method="lora", lora_targets=" q_proj , v_proj ,")
+    get_method("lora").validate(cfg)
+    assert cfg.options.target_list() == ["q_proj", "v_proj"]
+    model = get_method("lora").prepare_model(make_tiny_model("qwen2"), cfg)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
 
 
 def test_lora_unknown_target_rejected_by_prepare_model() -> None:
     model = make_tiny_model("qwen2")
     with pytest.raises(ConfigError) as err:
-        get_method("lora").prepare_model(model, TrainConfig(method="lora", lora_targets="q_proj,nonexistent"))
+        get_method("lora").prepare_model(model, train_config(method="lora", lora_targets="q_proj,nonexistent"))
     assert "nonexistent" in str(err.value) and "q_proj" not in str(err.value)
 
 
@@ -178,7 +186,7 @@ def test_lora_empty_targets_fail_before_any_model_work(
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="lora_targets"):
         T.train(
-            TrainConfig(method="lora", lora_targets=" , ", epochs=1),
+            train_config(method="lora", lora_targets=" , ", epochs=1),
             data_config(sets),
             ModelConfig(device="cpu"),
             out,
@@ -216,7 +224,7 @@ def reversed_ft() -> Iterator[type[Method]]:
     try:
         yield ReversedFineTuning
     finally:
-        cnl.methods._REGISTRY.pop("reversed-ft", None)
+        registry().pop("reversed-ft", None)
         assert "reversed-ft" not in method_names()
 
 
@@ -245,17 +253,7 @@ def test_registered_method_is_used_by_train(
     norm_names = {n for n in before if "norm" in n}
     assert norm_names
     out = tmp_path / "run"
-    rows = T.train(
-        TrainConfig(method="reversed-ft", optimizer="sgd", lr=1e-2, epochs=2),
-        data_config(sets),
-        ModelConfig(device="cpu"),
-        out,
-        model=model,
-        tokenizer=tok,
-        model_tag="tiny",
-        progress=False,
-        echo=False,
-    )
+    rows = train_tiny(out, sets["files"], model=model, tokenizer=tok, method="reversed-ft", lr=1e-2, epochs=2)
     assert len(rows) == 2
 
     # trained in reversed file order, every epoch
