@@ -94,3 +94,17 @@ def tiny_qwen2(tiny_qwen2_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
 def mc_rows() -> list[dict[str, str]]:
     """24 synthetic four-option rows (seed 0), short/medium/long in turn. A fresh list per test."""
     return make_mc_rows(24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``mastered.jsonl`` and ``injection.jsonl``, 8 distinct synthetic questions each (a module may define
+    its own ``sets`` instead)."""
+    from cnl.testing import write_jsonl
+
+    d = tmp_path_factory.mktemp("sets")
+    rows = make_mc_rows(16, seed=5)
+    return {
+        "mastered": write_jsonl(d / "mastered.jsonl", rows[:8]),
+        "injection": write_jsonl(d / "injection.jsonl", rows[8:]),
+    }

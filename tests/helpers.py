@@ -136,3 +136,29 @@ def train_tiny(
         progress=False,
         echo=False,
     )
+
+
+def cli_error(capsys: Any, argv: list[str]) -> str:
+    """Run ``cnl argv``: exit status 2 and exactly one ``error:`` line, no traceback; return that line."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert "error: " in err, err
+    line = err[err.index("error: ") :]  # (a model-loading progress bar may come before it)
+    assert line.count("\n") == 1, err
+    return line
+
+
+def torchrun(nproc: int, argv: list[str], **kw: Any) -> Any:
+    """``torchrun --standalone --nproc-per-node N -m cnl argv`` (``background=True``: a Popen)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd += ["-m", "cnl", *argv]
+    if kw.pop("background", False):
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kw)

@@ -8,16 +8,13 @@ checkpoints and ``--save-model`` must work under torchrun; bad combinations fail
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, torchrun
 from safetensors.torch import load_file
 
 from cnl.testing import make_mc_rows, write_jsonl
@@ -38,15 +35,6 @@ def train_args(model_dir: Path, sets: dict[str, Path], out: Path, *extra: str) -
         "--lr", "0.02", "--epochs", "2", "--mastered", str(sets["mastered"]), "--injection", str(sets["injection"]),
         "--save-model", *extra,
     ]  # fmt: skip
-
-
-def torchrun(nproc: int, argv: list[str], **kw) -> subprocess.Popen | subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += ["-m", "cnl", *argv]
-    if kw.pop("background", False):
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
 def summary(run: Path) -> list[dict]:

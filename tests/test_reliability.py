@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import blocked_child, cnl_adam_train_args
+from helpers import blocked_child, cli_error, cnl_adam_train_args
 
 import cnl.io
 import cnl.models
@@ -42,17 +42,6 @@ EPOCHS = 3
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """mastered.jsonl and injection.jsonl, 8 distinct questions each."""
-    d = tmp_path_factory.mktemp("sets")
-    rows = make_mc_rows(16, seed=5)
-    return {
-        "mastered": write_jsonl(d / "mastered.jsonl", rows[:8]),
-        "injection": write_jsonl(d / "injection.jsonl", rows[8:]),
-    }
-
-
 def train_args(model_dir: Path, sets: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """``cnl train`` of cnl/adam for 3 epochs on ``sets`` (later flags override these)."""
     return cnl_adam_train_args(model_dir, out, sets["mastered"], sets["injection"], *extra, epochs=EPOCHS)
@@ -121,22 +110,6 @@ def refuse_weights(mp: pytest.MonkeyPatch, *, tokenizer_may_load: bool = False) 
 def no_weights_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The weight loads attempted during the test (each one refused): must stay empty."""
     return refuse_weights(monkeypatch)
-
-
-def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """Run ``argv``: exit status 2 and exactly one ``error:`` line, no traceback; return that line."""
-    capsys.readouterr()
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    assert "error: " in err, err
-    line = err[err.index("error: ") :]
-    assert line.count("\n") == 1, err
-    return line
 
 
 @contextlib.contextmanager

@@ -253,9 +253,9 @@ def test_render_markdown_table(ft_cnl: tuple[Path, Path]) -> None:
     assert len(body) == 2
     ncols = lines[header].count("|")
     assert all(line.count("|") == ncols for line in body)
-    assert body[0].startswith("| ft-sgd | ft | sgd | in-set | 3 ")
+    assert body[0].startswith("| ft-sgd | ft | sgd | in-set | finished | 3 ")
     assert "| 11 (27.5%) | 12 (20.0%) | 2 | 12 (30.0%) | 9 (15.0%) | baseline |" in body[0]
-    assert body[1].startswith("| cnl-sgd | cnl | sgd | in-set | 3 ")
+    assert body[1].startswith("| cnl-sgd | cnl | sgd | in-set | finished | 3 ")
     assert "| 12 (30.0%) | 3 (5.0%) | 2 | 12 (30.0%) | 0 (0.0%) | 75.0% |" in body[1]
     assert "**injection** (40 questions)" in md and "**mastered** (60 questions)" in md
     assert "![learned and forgotten per epoch](curves.png)" in md

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import SPEC_OPTIMIZERS, blocked_child, cnl_adam_train_args, train_tiny, umask
+from helpers import SPEC_OPTIMIZERS, blocked_child, cli_error, cnl_adam_train_args, train_tiny, umask
 from transformers import AutoModelForCausalLM
 
 import cnl.train as T
@@ -525,17 +525,6 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the error was reported")
 
     monkeypatch.setattr(cnl.models, "load_model_and_tokenizer", boom)
-
-
-def cli_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    err = err[err.index("error: ") :]  # (a model-loading progress bar may come before it)
-    assert err.count("\n") == 1, err  # one line
-    return err
 
 
 def base_args(out: Path, *extra: str) -> list[str]:

@@ -42,13 +42,14 @@ def _load_model(
     *,
     sources: dict[str, str] | None = None,
     skip_long: bool = False,
+    suggest_skip: bool = True,
     run_dir: Path | None = None,
 ) -> Any:
     """:func:`cnl.loading.load_for_sets` (every question encoded, and its length checked, before the
     weights load), saying on stderr what was loaded."""
     from .loading import load_for_sets
 
-    loaded = load_for_sets(cfg, sets, sources=sources, skip_long=skip_long, run_dir=run_dir)
+    loaded = load_for_sets(cfg, sets, sources=sources, skip_long=skip_long, suggest_skip=suggest_skip, run_dir=run_dir)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     device = next(loaded.model.parameters()).device
     print(
@@ -58,6 +59,13 @@ def _load_model(
     if loaded.sets.n_skipped:
         print(f"skipped {loaded.sets.n_skipped} question(s) longer than the model's context", file=sys.stderr)
     return loaded
+
+
+def _out_path(text: str) -> Path:
+    """An output path (``--out``); an empty one would silently mean the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty --out would write into the current directory; name one")
+    return Path(text)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=None) -> None:
@@ -86,7 +94,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------- split
 def cmd_split(args: argparse.Namespace) -> int:
     from .data import resolve_dataset
-    from .io import locked_output
+    from .io import locked_output, refuse_foreign_files
     from .split import MANIFEST, SPLIT_PARTS, run_split
 
     cfg = _model_config(args)
@@ -96,6 +104,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out}: exists and is not a directory")
     with locked_output(args.out, "cnl split"):
+        refuse_foreign_files(args.out, (MANIFEST,), "cnl split")
         if (args.out / MANIFEST).exists() and not args.force:
             raise CnlError(
                 f"{args.out} already holds a split ({MANIFEST}); pass --force to replace it, or choose another --out"
@@ -140,7 +149,7 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         "(answered correctly) and the injection set I (answered wrongly), their halves, and split.json.",
     )
     p.add_argument("--dataset", required=True, help="named dataset (csqa, arc_c, medqa, mmlu) or a JSONL file")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=_out_path, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick runs)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
     p.add_argument("--force", action="store_true", help="replace a split already in --out")
@@ -176,7 +185,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     from .datasets import NAMED_DATASETS, SOURCES
 
     pp.add_argument("name", choices=NAMED_DATASETS)
-    pp.add_argument("--out", required=True, type=Path, help="output JSONL file")
+    pp.add_argument("--out", required=True, type=_out_path, help="output JSONL file")
     pp.add_argument("--max-options", type=int, default=4, help="drop distractors (fixed seed) down to this many")
     pp.add_argument("--all-options", action="store_true", help="keep every option (overrides --max-options)")
     pp.add_argument("--source", choices=SOURCES, default="auto", help="where to read from")
@@ -227,7 +236,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "questions were forgotten (SPEC §4). Values come from the dataclass defaults, then the preset (the model's "
         "own by default), then the method's own defaults, then --config, then these flags.",
     )
-    p.add_argument("--out", required=True, type=Path, help="run directory (summary.csv, predictions, log, config)")
+    p.add_argument("--out", required=True, type=_out_path, help="run directory (summary.csv, predictions, log, config)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     p.add_argument("--preset", default=None, help="hyperparameter preset (default: the one named like the model)")
     p.add_argument("--config", type=Path, default=None, help="YAML file of options (e.g. a run's config.yaml)")
@@ -258,7 +267,7 @@ def _method_help() -> str:
 # --------------------------------------------------------------------------------------- analyze
 def cmd_analyze_neurons(args: argparse.Namespace) -> int:
     from .analyze import neuron_inputs, run_neurons
-    from .io import locked_output
+    from .io import locked_output, refuse_foreign_files
     from .models import pad_token_id
 
     cfg = _model_config(args)
@@ -266,13 +275,18 @@ def cmd_analyze_neurons(args: argparse.Namespace) -> int:
     files, rows = neuron_inputs(data)
     _check_batch_size(args.batch_size)
     with locked_output(args.out, "cnl analyze neurons"):
-        loaded = _load_model(cfg, rows, sources={k: str(v) for k, v in files.items()})
+        refuse_foreign_files(args.out, ("neurons.json",), "cnl analyze neurons")
+        loaded = _load_model(cfg, rows, sources={k: str(v) for k, v in files.items()}, skip_long=data.skip_long_prompts)
         content = run_neurons(
             loaded.model,
             loaded.sets.encoded,
             files,
             args.out,
-            meta={"model": loaded.tag, "model_source": loaded.source.path_or_id},
+            meta={
+                "model": loaded.tag,
+                "model_source": loaded.source.path_or_id,
+                "skipped_long_prompts": {k: v for k, v in loaded.sets.skipped.items() if v},
+            },
             batch_size=args.batch_size,
             pad_id=pad_token_id(loaded.tokenizer),
         )
@@ -298,7 +312,7 @@ def cmd_analyze_neurons(args: argparse.Namespace) -> int:
 
 def cmd_analyze_distance(args: argparse.Namespace) -> int:
     from .analyze import distance_inputs, run_distance
-    from .io import locked_output
+    from .io import locked_output, refuse_foreign_files
     from .models import pad_token_id
 
     inputs = distance_inputs(args.ft_run)
@@ -309,10 +323,12 @@ def cmd_analyze_distance(args: argparse.Namespace) -> int:
     if "model" not in vars(args):
         cfg.model = inputs.base_model
     with locked_output(args.out, "cnl analyze distance"):
+        refuse_foreign_files(args.out, ("distance.json",), "cnl analyze distance")
         loaded = _load_model(
             cfg,
             {inputs.learn: inputs.learn_rows, inputs.forget: inputs.forget_rows},
             sources={n: inputs.info["sets"][n]["file"] for n in (inputs.learn, inputs.forget)},
+            suggest_skip=False,  # each question is matched to the ft run's prediction for it
         )
         summary = run_distance(
             inputs,
@@ -373,12 +389,12 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         "and per module kind, the proportion of each class and its share of sum|g_I|. --model may be a saved "
         "run's model directory (RUN_DIR/model).",
     )
-    n.add_argument("--out", required=True, type=Path, help="output directory")
+    n.add_argument("--out", required=True, type=_out_path, help="output directory")
     n.add_argument("--batch-size", type=int, default=8, help="questions per backward pass (default: 8)")
     add_dataclass_arguments(
         n,
         DataConfig,
-        exclude=("mastered1", "mastered2", "injection1", "injection2", "skip_long_prompts"),
+        exclude=("mastered1", "mastered2", "injection1", "injection2"),
         group_title="data",
     )
     _add_model_arguments(n)
@@ -391,7 +407,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         "dot < 0 / dot >= 0 table (distance_table.csv), the thirds follow-up (distance.json) and distance.png.",
     )
     d.add_argument("--ft-run", required=True, type=Path, help="run directory of an ft run ('cnl train --method ft')")
-    d.add_argument("--out", required=True, type=Path, help="output directory")
+    d.add_argument("--out", required=True, type=_out_path, help="output directory")
     d.add_argument("--batch-size", type=int, default=8, help="questions per backward pass for g_I' (default: 8)")
     _add_model_arguments(d)
     d.set_defaults(handler=cmd_analyze_distance)
@@ -400,7 +416,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import accuracies, general_sets, write_eval
-    from .io import locked_output
+    from .io import check_writable, locked_output, refuse_foreign_files
     from .loading import run_model_source
     from .models import pad_token_id
 
@@ -415,12 +431,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CnlError("give --run RUN_DIR or --model, not both")
     if args.run is not None:
         run_model_source(args.run)  # a run that saved no model fails now, not after the lm-eval datasets
+    if args.out is not None:
+        check_writable(args.out)
+        refuse_foreign_files(args.out, ("eval.json",), "cnl eval")  # now, not after the evaluation
     lm_tasks = _prepare_lm_eval(args)  # last of the checks (it may download): names, the extra, the datasets
-    loaded = _load_model(cfg, sets, run_dir=args.run)
+    loaded = _load_model(cfg, sets, run_dir=args.run, skip_long=args.skip_long_prompts)
     model, tokenizer = loaded.model, loaded.tokenizer
     content: dict[str, Any] = {"model": loaded.tag, "run": str(args.run) if args.run else None}
     result = accuracies(model, loaded.sets.encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer))
     content["sets"] = result
+    if loaded.sets.n_skipped:
+        content["skipped_long_prompts"] = {k: len(v) for k, v in loaded.sets.skipped.items() if v}
     if result:
         print_table(
             ["set", "questions", "correct", "accuracy"],
@@ -430,6 +451,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         content["lm_eval"] = _run_lm_eval(args, lm_tasks, model, tokenizer, blank_line=bool(result))
     if args.out is not None:
         with locked_output(args.out, "cnl eval"):
+            refuse_foreign_files(args.out, ("eval.json",), "cnl eval")
             write_eval(args.out, content)
         print(f"\nwritten to {args.out}/eval.json")
     return 0
@@ -515,20 +537,27 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="a folder of your own lm-eval task YAML files (e.g. on local JSONL files: no internet needed)",
     )
     p.add_argument("--run", type=Path, default=None, help="a run directory trained with --save-model")
-    p.add_argument("--out", type=Path, default=None, help="write eval.json into this directory")
+    p.add_argument("--out", type=_out_path, default=None, help="write eval.json into this directory")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
+    p.add_argument(
+        "--skip-long-prompts",
+        action="store_true",
+        help="leave out questions longer than the model's context (the accuracy is over the others, with a count "
+        "in eval.json); off: an error",
+    )
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_eval)
 
 
 # ---------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
-    from .io import locked_output
+    from .io import locked_output, refuse_foreign_files
     from .report import write_report
 
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out} exists and is not a directory; choose another --out")
     with locked_output(args.out, "cnl report"):
+        refuse_foreign_files(args.out, ("report.json",), "cnl report")
         report = write_report(args.runs, args.out, mixed_forget_sets=args.mixed_forget_sets)
     _print_report(report)
     print(f"\nwritten to {args.out}/ (report.md, report.json, curves.png, pareto.png)")
@@ -536,6 +565,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict) -> None:
+    from .report import status_text
+
+    incomplete = any(r["status"] != "finished" for r in report["rows"])  # the column only when it says something
     rows = []
     for r in report["rows"]:
         red = r["forgetting_reduction_pct"]
@@ -547,11 +579,11 @@ def _print_report(report: dict) -> None:
                 f"{r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%)",
                 f"{r['best_epoch']}: {r['best_learned']} / {r['best_forgotten']}",
                 "baseline" if r["is_baseline"] else ("-" if red is None else f"{red:.1f}%"),
+                *([status_text(r)] if incomplete else []),
             ]
         )
-    print_table(
-        ["run", "method", "learned", "forgotten", "best epoch: learned/forgotten", "forgetting cut vs ft"], rows
-    )
+    header = ["run", "method", "learned", "forgotten", "best epoch: learned/forgotten", "forgetting cut vs ft"]
+    print_table([*header, *(["status"] if incomplete else [])], rows)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -562,7 +594,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "paper-style table (report.md, report.json), with each run's forgetting reduction against an ft run.",
     )
     p.add_argument("runs", nargs="+", type=Path, help="run directories written by 'cnl train'")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=_out_path, help="output directory")
     p.add_argument(
         "--mixed-forget-sets",
         action="store_true",
@@ -591,9 +623,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         model=values_from_namespace(args, ModelConfig),
         general=args.general,
     )
-    from .io import locked_output
+    from .io import locked_output, refuse_foreign_files
 
     with locked_output(plan.out, "cnl compare"):
+        refuse_foreign_files(plan.out, ("split", "runs", "report"), "cnl compare")
         report = run_compare(plan, _load_model)
     _print_side_by_side(list(plan.run_dirs.values()))
     print()
@@ -633,7 +666,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default="csqa", help="named dataset or JSONL file (default: csqa)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions")
-    p.add_argument("--out", required=True, type=Path, help="output directory (split/, runs/, report/)")
+    p.add_argument("--out", required=True, type=_out_path, help="output directory (split/, runs/, report/)")
     from .methods import method_names
 
     p.add_argument(
@@ -697,12 +730,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: files already written are complete and kept", file=sys.stderr)
         return 130
-    except Terminated:
-        print("\nterminated (SIGTERM): files already written are complete and kept", file=sys.stderr)
-        return 143
+    except Terminated as e:
+        name = str(e) or "SIGTERM"
+        print(f"\nterminated ({name}): files already written are complete and kept", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGTERM)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, before in (previous or {}).items():
+            signal.signal(signum, before)
 
 
 class _WarningHandler(logging.Handler):
@@ -722,15 +756,16 @@ def _show_data_warnings() -> None:
 _OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def _terminate_like_interrupt() -> Any:
-    """Make SIGTERM (timeout, schedulers, docker stop) stop the command the way Ctrl-C does: runs record
-    'interrupted' and keep finished epochs. Returns the previous handler (None off the main thread)."""
+def _terminate_like_interrupt() -> dict[int, Any] | None:
+    """Make SIGTERM (timeout, schedulers, docker stop) and SIGHUP (a closed terminal or SSH session) stop the
+    command the way Ctrl-C does: runs record 'interrupted' and keep finished epochs. Returns the previous
+    handlers (None off the main thread)."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
+        raise Terminated(signal.Signals(signum).name)
 
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     except ValueError:  # not the main thread (e.g. cnl.cli.main called from a worker thread)
         return None
 

@@ -9,6 +9,7 @@ runs are reused), then writes the report.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,16 @@ class ComparePlan:
 
     @property
     def split_identity(self) -> dict[str, Any]:
-        """What a reusable split must have been made from."""
-        return {"source": self.dataset, "limit": self.limit, "model_source": self.source.path_or_id}
+        """What a reusable split must have been made from: the dataset (its name or file, the limit, and
+        the content of the questions taken), and the model."""
+        from .data import rows_digest
+
+        return {
+            "source": self.dataset,
+            "limit": self.limit,
+            "dataset_sha256": rows_digest(self.rows),
+            "model_source": self.source.path_or_id,
+        }
 
 
 def plan_compare(
@@ -103,7 +112,7 @@ def plan_compare(
 
 def run_compare(
     plan: ComparePlan,
-    load_model: Callable[..., tuple[Any, Any, Any, Any]],
+    load_model: Callable[..., Any],
     *,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -113,6 +122,18 @@ def run_compare(
     returns a :class:`cnl.loading.Loaded` (the CLI's loader prints what it loaded); it is not called when
     a matching split exists.
     """
+    from .io import locked_output
+
+    # every directory of the comparison is held from the start: no other cnl process can replace its
+    # split, train into one of its runs or write its report while it runs (this process's own steps
+    # take their locks again, which is a no-op)
+    with contextlib.ExitStack() as stack:
+        for sub in (plan.split_dir, *plan.run_dirs.values(), plan.out / "report"):
+            stack.enter_context(locked_output(sub, "cnl compare", for_own_steps=True))
+        return _run_compare(plan, load_model, say)
+
+
+def _run_compare(plan: ComparePlan, load_model: Callable[..., Any], say: Callable[[str], None]) -> dict[str, Any]:
     from .report import write_report
     from .split import read_split_manifest, run_split
     from .train import ResumeMismatch, plan_run, train
@@ -122,7 +143,14 @@ def run_compare(
     manifest = None
     if (plan.split_dir / "split.json").exists():
         found = read_split_manifest(plan.split_dir).manifest
-        manifest = found if all(found.get(k) == v for k, v in want.items()) else None
+        differ = [k for k, v in want.items() if found.get(k) != v]
+        if differ:
+            what = ", ".join(f"{k} {found.get(k)!r} (now {want[k]!r})" for k in differ)
+            raise ConfigError(
+                f"{plan.split_dir} was made from other data or another model ({what}); its runs belong to that "
+                f"split: use another --out, or delete {plan.split_dir} and {plan.out / 'runs'} to start over"
+            )
+        manifest = found
     limit = f" (first {plan.limit})" if plan.limit else ""
     say(f"== 1/{steps} split: {plan.tag}{limit} with {plan.source.tag}" + (" (reused)" if manifest else ""))
     if manifest is None:

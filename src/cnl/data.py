@@ -34,6 +34,7 @@ __all__ = [
     "read_mc_jsonl",
     "validate_row",
     "take_limit",
+    "rows_digest",
     "split_halves",
     "HALVES_SEED",
     "HALVES_GROUP_KEY",
@@ -117,6 +118,8 @@ def validate_row(obj: Any, *, path: str | Path | None = None, line: int | None =
             raise DataError(f"field '{key}' must be a string, got {type(value).__name__}", path, line)
         if not value.strip():
             raise DataError(f"field '{key}' is empty", path, line)
+    for key, value in obj.items():
+        _check_unicode(value, key, path, line)
     question: str = obj["question"]
     label = obj["label"].strip()
     try:
@@ -129,9 +132,36 @@ def validate_row(obj: Any, *, path: str | Path | None = None, line: int | None =
             path,
             line,
         )
+    if len(letters) < 2:
+        raise DataError(
+            f"only one option ({letters[0]}) found in 'question'; a multiple-choice question needs at least two",
+            path,
+            line,
+        )
     if label not in letters:
         raise DataError(f"label {obj['label']!r} is not among the question's options {', '.join(letters)}", path, line)
     return MCRow(question=question, label=label, letters=letters, raw=obj, line=line or 0)
+
+
+def _check_unicode(value: Any, key: str, path: str | Path | None, line: int | None) -> None:
+    """A :class:`DataError` when a string in ``value`` holds a lone surrogate (a JSON ``\\udXXX`` escape without
+    its pair): such text is not Unicode, and no tokenizer or file can take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"field '{key}' holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start + 1}): "
+                "not valid Unicode text; fix the \\u escape in the file",
+                path,
+                line,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(v, f"{key}.{k}", path, line)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{key}[{i}]", path, line)
 
 
 def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]:
@@ -200,6 +230,18 @@ def duplicate_lines(rows: Sequence[MCRow]) -> list[tuple[int, int]]:
 def rows_from_dicts(objs: Sequence[dict[str, Any]], source: str = "<memory>") -> list[MCRow]:
     """Validate in-memory rows (e.g. a prepared named dataset); row i is reported as line i+1."""
     return [validate_row(o, path=source, line=i + 1) for i, o in enumerate(objs)]
+
+
+def rows_digest(rows: Sequence[Any]) -> str:
+    """First 16 hex digits of the SHA-256 of the rows' content (each row's JSON object, keys sorted, in
+    order): what identifies a dataset whatever file or name it came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        obj = r.raw if isinstance(r, MCRow) else r
+        h.update(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()[:16]
 
 
 def take_limit(rows: Sequence[MCRow], limit: int | None) -> list[MCRow]:

@@ -10,7 +10,8 @@ class ConfigError(CnlError, ValueError):
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (``timeout``, a scheduler, ``docker stop``); handled like Ctrl-C (exit status 143)."""
+    """SIGTERM (``timeout``, a scheduler, ``docker stop``) or SIGHUP (a closed terminal) arrived; handled like
+    Ctrl-C (exit status 128 + the signal's number: 143, 129). The message is the signal's name."""
 
 
 class OutputError(CnlError, OSError):

@@ -49,6 +49,8 @@ __all__ = [
     "remove_atomic_leftovers",
     "exclusive",
     "locked_output",
+    "lock_holder",
+    "refuse_foreign_files",
     "check_writable",
     "file_digest",
     "read_yaml",
@@ -259,16 +261,36 @@ LOCK_NAME = ".cnl.lock"
 HOLDER_NAME = ".cnl.lock.json"
 
 
+def _exists(p: Path) -> bool:
+    """``p.exists()``, False (not an exception) for a name the file system cannot even look up (too long)."""
+    try:
+        return p.exists()
+    except OSError:
+        return False
+
+
 def check_writable(folder: PathLike) -> None:
     """Fail now, with a clear message, when files cannot be created in ``folder`` (or its nearest existing parent)."""
     p = Path(folder)
+    if str(folder) == "":
+        raise OutputError("the output is an empty path (it would write into the current directory); name a directory")
     probe_in = p
-    while not probe_in.exists():
+    while not _exists(probe_in):
         if probe_in.parent == probe_in:
             break
         probe_in = probe_in.parent
-    if probe_in.exists() and not probe_in.is_dir():
+    if _exists(probe_in) and not probe_in.is_dir():
         raise OutputError(f"{probe_in} exists and is not a directory; choose another output")
+    try:
+        limit = os.pathconf(probe_in, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in p.parts[len(probe_in.parts) :] if probe_in != p else ():
+        if len(os.fsencode(part)) > limit:
+            raise OutputError(
+                f"{p}: the name {part[:40]}... is {len(os.fsencode(part))} bytes, longer than the {limit} the file "
+                "system allows; choose a shorter output name"
+            )
     try:
         fd, tmp = tempfile.mkstemp(prefix=".cnl-write-test.", dir=probe_in)
         os.close(fd)
@@ -281,8 +303,13 @@ def check_writable(folder: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def locked_output(folder: PathLike, purpose: str) -> Iterator[Path]:
+def locked_output(folder: PathLike, purpose: str, *, for_own_steps: bool = False) -> Iterator[Path]:
     """Hold ``folder`` for one cnl process: a second one is refused with a message naming the holder.
+
+    ``for_own_steps``: later steps of this same process may take it again (``cnl compare`` holds its split,
+    run and report directories from the start, and its own split, training and report steps then write
+    there); otherwise a second hold is refused, in this process too. A folder inside one that another
+    process holds is refused as well.
 
     The lock is a ``filelock`` on ``folder/.cnl.lock`` (the kernel drops it when its process dies, so a
     killed run's lock never blocks the next one); ``.cnl.lock.json`` says who holds it. Both are removed
@@ -293,9 +320,24 @@ def locked_output(folder: PathLike, purpose: str) -> Iterator[Path]:
 
     root = Path(folder)
     check_writable(root)
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / LOCK_NAME), timeout=0, mode=file_mode())
+    key = str(root.resolve())
+    if key in _HELD:
+        if not _HELD[key]:
+            raise OutputError(
+                f"{root} is in use by another cnl process ({_describe_holder(root)}); wait for it to "
+                "finish or stop it, or choose another output"
+            )
+        yield root  # held for this process's own steps (compare holds its directories for them)
+        return
+    created = [d for d in (root, *root.parents) if not d.exists()]  # removed again when nothing is written
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {root} ({e.strerror}); choose another output") from None
+    lock_file = root / LOCK_NAME
+    if lock_file.exists() and not lock_file.is_file():
+        raise OutputError(f"cannot lock {root}: {lock_file} is not a file (cnl keeps its lock there); remove it")
+    lock = FileLock(str(lock_file), timeout=0, mode=file_mode())
     try:
         lock.acquire()
     except Timeout:
@@ -303,6 +345,13 @@ def locked_output(folder: PathLike, purpose: str) -> Iterator[Path]:
             f"{root} is in use by another cnl process ({_describe_holder(root)}); wait for it to "
             "finish or stop it, or choose another output"
         ) from None
+    except OSError as e:
+        raise OutputError(f"cannot lock {root} ({lock_file}: {e.strerror}); choose another output") from None
+    try:
+        _check_ancestors(root)
+    except BaseException:
+        lock.release()
+        raise
     ok = False
     try:
         atomic_write_json(
@@ -316,18 +365,93 @@ def locked_output(folder: PathLike, purpose: str) -> Iterator[Path]:
                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
+        _HELD[key] = for_own_steps
         yield root
         ok = True
     finally:
+        _HELD.pop(key, None)
         # unlinked while still held: a process that opened the file before cannot take it, one that comes
         # after makes a new one, and the finished output holds no lock files
         for name in (HOLDER_NAME, LOCK_NAME):
             with contextlib.suppress(OSError):
                 (root / name).unlink()
         lock.release()
-        if created and not ok:
-            with contextlib.suppress(OSError):
-                root.rmdir()  # only when nothing was written into it
+        if not ok:
+            for d in created:  # the folder, then the parents this call made, each only when nothing is in it
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def refuse_foreign_files(folder: PathLike, markers: Sequence[str], command: str) -> None:
+    """Refuse an existing output folder that holds files cnl did not write: one without any of ``markers``
+    (the files or folders ``command`` writes there first, e.g. ``run.json``) but with other entries. cnl
+    writes into a new or empty folder, or into one of its own (a run being resumed, a report replaced),
+    never over a user's files (a ``config.yaml`` or ``summary.csv`` of theirs)."""
+    root = Path(folder)
+    if not root.is_dir() or any((root / m).exists() for m in markers):
+        return
+    mine = (LOCK_NAME, HOLDER_NAME)
+    others = sorted(
+        e.name
+        for e in root.iterdir()
+        if e.name not in mine
+        and not (e.name.startswith(".") and (e.name.endswith(".tmp") or "cnl-write-test" in e.name))
+    )
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise OutputError(
+            f"{root} holds files that {command} did not write ({shown}); it writes into a new or empty directory "
+            "or one of its own, never over your files: choose another --out"
+        )
+
+
+#: Output folders this process holds (resolved path -> whether its own later steps may use them too).
+_HELD: dict[str, bool] = {}
+
+
+def _check_ancestors(root: Path) -> None:
+    """Refuse a folder inside one that another cnl process holds (``train --out C/runs/x`` while
+    ``cnl compare --out C`` runs): that process may write there at any moment."""
+    for parent in root.resolve().parents:
+        if str(parent) in _HELD or not (parent / LOCK_NAME).is_file():
+            continue
+        if lock_holder(parent) is not None:
+            raise OutputError(
+                f"{root} is inside {parent}, which is in use by another cnl process ({_describe_holder(parent)}); "
+                "wait for it to finish or stop it, or choose another output"
+            )
+
+
+def lock_holder(folder: PathLike) -> dict[str, Any] | None:
+    """Who holds ``folder`` (its ``.cnl.lock.json``, or ``{}`` when that cannot be read) while a live process
+    holds its lock; None when no process holds it (a killed holder's lock is free again)."""
+    from filelock import FileLock, Timeout
+
+    root = Path(folder)
+    lock_file = root / LOCK_NAME
+    if str(root.resolve()) in _HELD:
+        return _read_holder(root)
+    if not lock_file.is_file():
+        return None
+    probe = FileLock(str(lock_file), timeout=0, mode=file_mode())
+    try:
+        probe.acquire()
+    except Timeout:
+        return _read_holder(root)
+    except OSError:
+        return None
+    probe.release()
+    return None
+
+
+def _read_holder(root: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads((root / HOLDER_NAME).read_text(encoding="utf-8"))
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _user() -> str:

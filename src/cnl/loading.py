@@ -67,6 +67,7 @@ def load_for_sets(
     *,
     sources: dict[str, str] | None = None,
     skip_long: bool = False,
+    suggest_skip: bool = True,
     run_dir: str | Path | None = None,
     model: Any = None,
     tokenizer: Any = None,
@@ -74,7 +75,8 @@ def load_for_sets(
     """Load the model of ``model_cfg`` (a :class:`cnl.config.ModelConfig`; or the saved model of
     ``run_dir``; or ``model``/``tokenizer`` as given) and encode every question of ``sets`` with its
     tokenizer first, in ``model_cfg.prompt_style``. A prompt longer than the model's context is an error
-    naming its file (``sources[name]``) and line, unless ``skip_long`` leaves such questions out."""
+    naming its file (``sources[name]``) and line (suggesting ``--skip-long-prompts`` where the command has it:
+    ``suggest_skip``), unless ``skip_long`` leaves such questions out."""
     from .models import context_length, load_from_config
 
     t0 = time.perf_counter()
@@ -82,7 +84,11 @@ def load_for_sets(
 
     def encode(tok: Any, context: int | None) -> None:
         encoder = PromptEncoder(tok, style=model_cfg.prompt_style)
-        fitted.append(encode_sets(encoder, dict(sets), sources=sources, max_length=context, skip_long=skip_long))
+        fitted.append(
+            encode_sets(
+                encoder, dict(sets), sources=sources, max_length=context, skip_long=skip_long, suggest_skip=suggest_skip
+            )
+        )
 
     if model is not None:
         if tokenizer is None:

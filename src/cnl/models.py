@@ -280,12 +280,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def cache_root() -> Path:
-    """CNL's cache directory: ``$CNL_CACHE``, else ``$XDG_CACHE_HOME/cnl``, else ``~/.cache/cnl``."""
+    """CNL's cache directory: ``$CNL_CACHE``, else ``$XDG_CACHE_HOME/cnl``, else ``~/.cache/cnl``.
+
+    A :class:`ModelError` names the variable when the path (or a folder above it) is a file, not a directory.
+    """
     if os.environ.get("CNL_CACHE"):
-        return Path(os.environ["CNL_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "cnl"
-    return Path.home() / ".cache" / "cnl"
+        root, var = Path(os.environ["CNL_CACHE"]).expanduser(), "CNL_CACHE"
+    elif os.environ.get("XDG_CACHE_HOME"):
+        root, var = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "cnl", "XDG_CACHE_HOME"
+    else:
+        root, var = Path.home() / ".cache" / "cnl", "HOME"
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ModelError(
+                    f"cnl's cache {root} cannot be used: {p} is a file, not a directory (from ${var}); "
+                    "point CNL_CACHE at a directory"
+                )
+            break
+    return root
 
 
 def _gguf_key(gguf: Path) -> str:

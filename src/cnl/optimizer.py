@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
@@ -67,6 +68,14 @@ def rule_spec(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[
     name = type(optimizer).__name__
     if isinstance(optimizer, MaskedOptimizer):
         raise ValueError("the optimizer is already a MaskedOptimizer")
+    for base in (torch.optim.SGD, torch.optim.Adam):  # AdamW is an Adam with Adam's step
+        # (torch wraps a class's step for its profiler once an instance exists: compare what is wrapped)
+        if isinstance(optimizer, base) and inspect.unwrap(type(optimizer).step) is not inspect.unwrap(base.step):
+            cls = type(optimizer)
+            raise ValueError(
+                f"{cls.__module__}.{cls.__qualname__} overrides step(), which MaskedOptimizer would not run (it "
+                f"applies torch's own {base.__name__} rule); wrap a torch.optim.{base.__name__} instead"
+            )
     if group.get("maximize", False):
         raise ValueError(f"{name}(maximize=True) is not supported by MaskedOptimizer")
     if group.get("differentiable", False):
@@ -382,6 +391,17 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if not 0 <= i < len(params):
                 raise ValueError(f"optimizer state for parameter index {i}, but there are {len(params)} parameters")
             p = params[i]
+            if not isinstance(saved, Mapping):
+                raise ValueError(
+                    f"optimizer state of parameter {self.names[p]} is {type(saved).__name__}, not a mapping"
+                )
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and not value.is_floating_point() and key != "step":
+                    raise ValueError(
+                        f"optimizer state {key!r} of parameter {self.names[p]} is {value.dtype}, not floating point"
+                    )
+                if key == "step" and not (isinstance(value, int | float) or getattr(value, "numel", lambda: 0)() == 1):
+                    raise ValueError(f"optimizer state 'step' of parameter {self.names[p]} is not one number")
             st = _cnl_state(kind_of[p], saved)
             for key, value in (st or {}).items():
                 if key != "step" and tuple(value.shape) != tuple(local(p).shape):

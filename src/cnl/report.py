@@ -31,6 +31,13 @@ class RunRecord:
     learned: list[int]
     forgotten: list[int]
     general: list[float] | None = None
+    #: ``finished``, or how the run stands: ``running``, ``interrupted``, ``failed``, ``stopped`` (its process gone).
+    status: str = "finished"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished every epoch it was started for."""
+        return self.status == "finished"
 
     @property
     def label(self) -> str:
@@ -57,6 +64,7 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
         learned=series.learned,
         forgotten=series.forgotten,
         general=series.general,
+        status=rundir.live_status(info),
     )
 
 
@@ -106,6 +114,8 @@ def build_report(runs: list[RunRecord], *, mixed_forget_sets: bool = False) -> d
             "method": r.info["method"],
             "optimizer": r.info["optimizer"],
             "setting": r.info["setting"],
+            "status": r.status,
+            "epochs_planned": r.info.get("epochs"),
             "forget_set": r.info["forget_set"],
             "epochs": r.epochs[-1],
             "learn_total": lt,
@@ -153,6 +163,7 @@ def pareto_points(runs: list[RunRecord]) -> list[dict[str, Any]]:
             "epoch": e,
             "learned_pct": _pct(lv, r.info["learn_total"]),
             "forgotten_pct": _pct(fv, r.info["forget_total"]),
+            "complete": r.complete,
         }
         for r in runs
         for e, lv, fv in zip(r.epochs, r.learned, r.forgotten, strict=True)
@@ -176,10 +187,13 @@ def plot_pareto(report: dict[str, Any], path: str | Path) -> Any:
 
     points = report["pareto"]
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    status = {r["run"]: r["status"] for r in report["rows"]}
     for run in dict.fromkeys(p["run"] for p in points):
         mine = [p for p in points if p["run"] == run]
         xs, ys = [p["learned_pct"] for p in mine], [p["forgotten_pct"] for p in mine]
-        (line,) = ax.plot(xs, ys, marker="o", ms=5, lw=0.8, alpha=0.8, label=run)
+        done = all(p["complete"] for p in mine)
+        label = run if done else f"{run} ({status.get(run, 'incomplete')})"
+        (line,) = ax.plot(xs, ys, marker="o", ms=5, lw=0.8, alpha=0.8, ls="-" if done else "--", label=label)
         for p in mine:
             ax.annotate(str(p["epoch"]), (p["learned_pct"], p["forgotten_pct"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points", color=line.get_color())  # fmt: skip
@@ -214,12 +228,12 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         "",
         f"Learning measured on **{report['learn_set']}** ({rows[0]['learn_total']} questions), {forget}.",
         "",
-        "| run | method | optimizer | setting | "
+        "| run | method | optimizer | setting | status | "
         + ("forgets on | " if mixed else "")
         + "epochs | learned (final) | forgotten (final) | best epoch | learned (best) | forgotten (best) "
         + "| forgetting reduction vs ft |"
         + (" general accuracy |" if general else ""),
-        "| --- | --- | --- | --- | "
+        "| --- | --- | --- | --- | --- | "
         + ("--- | " if mixed else "")
         + "---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         + (" ---: |" if general else ""),
@@ -235,7 +249,7 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
             red_s = f"{red:.1f}%" + (f" (vs {r['baseline_run']})" if several else "")
         gen = r.get("final_general")
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | "
+            f"| {r['run']} | {r['method']} | {r['optimizer']} | {r['setting']} | {status_text(r)} | "
             + (f"{r['forget_set']} ({r['forget_total']}) | " if mixed else "")
             + f"{r['epochs']} | {r['final_learned']} ({r['final_learned_pct']:.1f}%) "
             f"| {r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%) "
@@ -247,13 +261,23 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         "",
         "Learned: questions of the learning set answered correctly (% of the set). Forgotten: questions of the "
         "forgetting set now answered wrongly (% of the set). Best epoch: the epoch with most learned. Forgetting "
-        "reduction: (forgotten % by ft − forgotten % by the run) / forgotten % by ft, at the final epoch."
+        "reduction: (forgotten % by ft − forgotten % by the run) / forgotten % by ft, at the final epoch. "
+        "Status: *finished*, or how an incomplete run stands (its last finished epoch is shown; dashed in the "
+        "figures): *running*, *interrupted*, *failed*, or *stopped* (its process is gone: `--resume` continues it)."
         + (" General accuracy: on the general-knowledge set of `--general`, at the final epoch." if general else ""),
     ]
     if figure:
         lines += ["", f"![learned and forgotten per epoch]({figure})"]
         lines += ["", "![learned against forgotten, the best trade-off front marked](pareto.png)"]
     return "\n".join(lines) + "\n"
+
+
+def status_text(row: dict[str, Any]) -> str:
+    """``finished``, or e.g. ``interrupted (2 of 3 epochs)``."""
+    if row["status"] == "finished":
+        return "finished"
+    planned = row.get("epochs_planned")
+    return f"{row['status']} ({row['epochs']} of {planned} epochs)" if planned else str(row["status"])
 
 
 def _forget_key(run: RunRecord) -> tuple[str, int]:
@@ -272,11 +296,13 @@ def plot_curves(runs: list[RunRecord], path: str | Path) -> Any:
     mixed = len({_forget_key(r) for r in runs}) > 1
     fig, (ax_l, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for r in runs:
-        (line,) = ax_l.plot(r.epochs, r.learned, marker="o", ms=3, label=f"{r.name} ({r.label})")
+        style = {"marker": "o", "ms": 3, "ls": "-" if r.complete else "--"}
+        state = "" if r.complete else f", {r.status}"
+        (line,) = ax_l.plot(r.epochs, r.learned, label=f"{r.name} ({r.label}{state})", **style)
         total = r.info["forget_total"]
         forgotten = [100.0 * f / total if total else 0.0 for f in r.forgotten] if mixed else r.forgotten
         suffix = f", of {r.info['forget_set']}" if mixed else ""
-        ax_f.plot(r.epochs, forgotten, marker="o", ms=3, color=line.get_color(), label=f"{r.name} ({r.label}{suffix})")
+        ax_f.plot(r.epochs, forgotten, color=line.get_color(), label=f"{r.name} ({r.label}{suffix}{state})", **style)
     info = runs[0].info
     ax_l.set_title(f"learned: {info['learn_set']} answered correctly (of {info['learn_total']})")
     if mixed:

@@ -38,6 +38,8 @@ from .io import (
     atomic_write_jsonl,
     atomic_write_yaml,
     file_digest,
+    lock_holder,
+    locked_output,
 )
 
 __all__ = ["RunDir", "RunDirError", "RunSeries", "INT_COLUMNS", "capture_rng", "restore_rng"]
@@ -121,16 +123,49 @@ class RunDir:
             raise RunDirError(
                 f"{self.root}: not a run directory (no run.json); pass directories written by 'cnl train'"
             )
+        hint = (
+            "summary.csv and predictions/ still hold the finished epochs; restore run.json from a backup, or run "
+            "the training again into a new --out"
+        )
         try:
             info = json.loads(self.run_json.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunDirError(f"{self.run_json}: damaged, not valid JSON ({e})") from None
+            raise RunDirError(f"{self.run_json}: damaged, not valid JSON ({e}); {hint}") from None
+        except OSError as e:
+            raise RunDirError(f"{self.run_json}: cannot be read ({e.strerror})") from None
         if not isinstance(info, dict):
-            raise RunDirError(f"{self.run_json}: damaged, expected a JSON object")
+            raise RunDirError(f"{self.run_json}: damaged, expected a JSON object; {hint}")
         return info
 
     def write_info(self, info: dict[str, Any]) -> None:
         atomic_write_json(self.run_json, info)
+
+    def live_status(self, info: dict[str, Any] | None = None) -> str:
+        """The run's status: run.json's (``running``, ``finished``, ``failed``, ``interrupted``), except that a
+        run whose run.json says ``running`` while no process holds its directory is ``stopped``: the process
+        that ran it is gone without a word (``kill -9``, a node lost, torchrun's rank 0 killed). That is then
+        recorded in run.json (under the directory's lock), so every later reader sees it too."""
+        info = self.read_info() if info is None else info
+        status = str(info.get("status", "unknown"))
+        if status != "running" or lock_holder(self.root) is not None:
+            return status
+        from .errors import OutputError
+
+        try:
+            with locked_output(self.root, "cnl (recording a stopped run)"):
+                current = self.read_info()
+                if current.get("status") == "running":
+                    done = current.get("epochs_done", 0)
+                    current["status"] = "stopped"
+                    current["error"] = (
+                        "the process running it stopped without a word (killed, or its machine went down); "
+                        f"--resume continues after epoch {done}"
+                    )
+                    self.write_info(current)
+                    info.update(current)
+                return str(current.get("status"))
+        except OutputError:  # taken again in the meantime: someone is running it
+            return "running"
 
     def write_config(self, resolved: dict[str, Any]) -> None:
         atomic_write_yaml(self.config, resolved)
@@ -144,21 +179,27 @@ class RunDir:
         if not self.summary.exists():
             return []
         data = self.summary.read_bytes()
+        hint = (
+            "the predictions/ files hold every finished epoch; delete the damaged row (the epoch is then missing), "
+            "or --resume with a kept checkpoint (--keep-checkpoint) to recompute from it"
+        )
         if data and not data.endswith(b"\n"):  # every row is written with its newline: cut inside the last row
-            raise RunDirError(f"{self.summary}: damaged, its last row is cut short (no final newline)")
+            raise RunDirError(f"{self.summary}: damaged, its last row is cut short (no final newline); {hint}")
         out = []
         try:
             with open(self.summary, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
                 for r in reader:
                     if None in r or None in r.values():  # a row with more or fewer fields than the header
-                        raise RunDirError(f"{self.summary}:{reader.line_num}: damaged row (wrong number of fields)")
+                        raise RunDirError(
+                            f"{self.summary}:{reader.line_num}: damaged row (wrong number of fields); {hint}"
+                        )
                     try:
                         out.append({k: (int(v) if k in INT_COLUMNS else float(v)) for k, v in r.items()})
                     except ValueError:
-                        raise RunDirError(f"{self.summary}:{reader.line_num}: damaged row {r}") from None
+                        raise RunDirError(f"{self.summary}:{reader.line_num}: damaged row {r}; {hint}") from None
         except UnicodeDecodeError as e:
-            raise RunDirError(f"{self.summary}: damaged, not UTF-8 text ({e.reason})") from None
+            raise RunDirError(f"{self.summary}: damaged, not UTF-8 text ({e.reason}); {hint}") from None
         return out
 
     def series(self, info: dict[str, Any] | None = None) -> RunSeries:

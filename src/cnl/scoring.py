@@ -189,6 +189,7 @@ def encode_sets(
     sources: dict[str, str] | None = None,
     max_length: int | None = None,
     skip_long: bool = False,
+    suggest_skip: bool = True,
 ) -> EncodedSets:
     """Encode every set once; check each prompt against the model's context ``max_length``.
 
@@ -213,9 +214,10 @@ def encode_sets(
         if too_long and not skip_long:
             row, n = too_long[0]
             more = f" ({len(too_long) - 1} more question(s) of this file too)" if len(too_long) > 1 else ""
+            skip = ", or pass --skip-long-prompts to leave such questions out" if suggest_skip else ""
+            how = "; shorten the question" + skip
             raise DataError(
-                f"the prompt is {n} tokens, longer than the model's context of {max_length} tokens{more}; shorten "
-                "the question, or pass --skip-long-prompts to leave such questions out",
+                f"the prompt is {n} tokens, longer than the model's context of {max_length} tokens{more}{how}",
                 (sources or {}).get(name, name),
                 row.line or None,
             )

@@ -38,7 +38,7 @@ from .config import DataConfig, ModelConfig, TrainConfig, to_dict
 from .data import MCRow, read_mc_jsonl
 from .distributed import SINGLE, Dist, from_env, local
 from .errors import CnlError, ConfigError, Terminated
-from .io import locked_output
+from .io import locked_output, refuse_foreign_files
 from .loading import Loaded, load_for_sets
 from .mask import SignReference
 from .methods import Method, validate_train_config
@@ -183,9 +183,9 @@ def train(
                     seconds = {"reference": t_ref, "train": t_train, "eval": t_eval}
                     run.info["peak_memory_bytes"] = dist.gather(meter.peak())
                     record(run, epoch, loss, masked, preds, seconds, time.perf_counter() - t_epoch)
+            _finish(run)
         except BaseException as e:
             _fail(run, e)
-        _finish(run)
     return run.rows
 
 
@@ -246,6 +246,8 @@ class RunPlan:
     dist: Dist = SINGLE
     #: Why a resumed run starts over from epoch 1 (None: it does not).
     restart_note: str | None = None
+    #: What a resumed run's run.json said of the process that ran it before (None: nothing to say).
+    resume_note: str | None = None
     #: The summary of a finished run that needs no more epochs (None: there is work to do).
     finished_rows: list[dict[str, Any]] | None = None
 
@@ -290,6 +292,7 @@ def plan_run(
     rundir = RunDir(out_dir)
     if rundir.root.exists() and not rundir.root.is_dir():
         raise ConfigError(f"{rundir.root} exists and is not a directory; choose another --out")
+    refuse_foreign_files(rundir.root, ("run.json",), "cnl train")
     resolved = {
         "train": to_dict(cfg),
         "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in to_dict(data).items()},
@@ -313,6 +316,11 @@ def plan_run(
             )
         _check_resumable(previous, resolved, set_info)
         done = previous.get("epochs_done", 0)
+        if previous.get("status") in ("running", "stopped"):  # this process holds the directory now
+            plan.resume_note = (
+                f"the process that ran it before is gone without a word (run.json said {previous.get('status')}: "
+                f"killed, or its machine went down); continuing after epoch {done}"
+            )
         if previous.get("status") == "finished" and done >= cfg.epochs:
             plan.finished_rows = rundir.read_summary()
         elif done and not rundir.has_checkpoint():
@@ -396,8 +404,11 @@ def _same_model_value(key: str, old: Any, new: Any) -> bool:
 
 @contextlib.contextmanager
 def _run_log(rundir: RunDir, echo: bool) -> Iterator[Callable[[str], None]]:
-    """Log to ``train.log`` (and stdout when ``echo``) for the duration of the run."""
+    """Log to ``train.log`` (and stdout when ``echo``) for the duration of the run. A start that fails
+    before run.json is written leaves no log behind (the message is on the terminal): a directory holding
+    only a ``train.log`` would look like someone else's files to the next attempt."""
     rundir.root.mkdir(parents=True, exist_ok=True)
+    fresh = not rundir.log.exists()
     handler = logging.FileHandler(rundir.log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -410,6 +421,13 @@ def _run_log(rundir: RunDir, echo: bool) -> Iterator[Callable[[str], None]]:
 
     try:
         yield say
+    except BaseException:
+        if fresh and not rundir.exists():
+            log.removeHandler(handler)
+            handler.close()
+            with contextlib.suppress(OSError):
+                rundir.log.unlink()
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -550,10 +568,13 @@ def load(
     order = plan.method.training_order(len(pool_enc), cfg)
     optimizer = build_run_optimizer(cfg, plan.method, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     rows: list[dict[str, Any]] = []
+    if plan.resume_note:
+        say(plan.resume_note)
     if plan.restart_note:
         say(plan.restart_note)
     elif plan.resume:
-        rows = _restore(plan.rundir, optimizer, plan.dist)
+        # every rank reads its own file: a damaged one stops every rank with its message, none is left waiting
+        rows = agreed(plan.dist, lambda: _restore(plan.rundir, optimizer, plan.dist))
         if rows:
             say(f"resuming after epoch {len(rows)}")
     info = _start_run_json(plan, loaded, model_tag, optimizer, rows)
@@ -917,11 +938,12 @@ def record(
 
 @contextlib.contextmanager
 def _disk_full_message(what: str, kept: str, checkpoint: bool = False) -> Iterator[None]:
-    """Turn a full disk (or quota) while writing ``what`` into a TrainingError that says what is kept."""
+    """Turn a full disk (or quota) while writing ``what`` into a TrainingError that says what is kept, whether
+    it surfaces as an OSError or as a library's own error (safetensors reports the OS error in its text)."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if not _disk_full(e):
             raise
         hint = (
             "; free some space and --resume, or train without checkpoints (--no-checkpoint)"
@@ -929,6 +951,14 @@ def _disk_full_message(what: str, kept: str, checkpoint: bool = False) -> Iterat
             else "; free some space and --resume"
         )
         raise TrainingError(f"the disk is full while writing {what}: {kept}{hint}") from None
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says that the disk (or the quota) is full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28"))
 
 
 # ================================================================================== 4. the end
@@ -953,17 +983,20 @@ def _fail(run: Run, e: BaseException) -> None:
 
 
 def _finish(run: Run) -> None:
+    """Save the model (``--save-model``), remove the checkpoint (unless kept) and record ``finished``."""
     dist = run.plan.dist
     if run.cfg.save_model:
-        if dist.enabled:  # one Hugging Face model, gathered from the shards onto rank 0
-            from .distributed import full_state_dict
+        kept = "every epoch's results and the last checkpoint are kept"
+        with _disk_full_message(f"the model to {run.rundir.model}", kept):
+            if dist.enabled:  # one Hugging Face model, gathered from the shards onto rank 0
+                from .distributed import full_state_dict
 
-            state = full_state_dict(run.model)
-            if dist.is_main:
-                run.rundir.save_model(run.model, run.tokenizer, state_dict=state)
-            dist.barrier()
-        else:
-            run.rundir.save_model(run.model, run.tokenizer)
+                state = full_state_dict(run.model)
+                if dist.is_main:
+                    run.rundir.save_model(run.model, run.tokenizer, state_dict=state)
+                dist.barrier()
+            else:
+                run.rundir.save_model(run.model, run.tokenizer)
         run.say(f"model saved to {run.rundir.model}")
     if dist.is_main:
         if not run.cfg.keep_checkpoint:
