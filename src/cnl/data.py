@@ -1,13 +1,16 @@
-"""Multiple-choice JSONL data (SPEC §1): reading with full validation, subsets and halves.
+"""Question sets as JSONL (SPEC §1, and open-ended questions): reading with full validation, subsets, halves.
 
-A dataset file holds one JSON object per line with at least ``label`` (the answer letter) and
-``question`` (the whole user message: question, options, instruction). Every other field is carried
-through untouched. The candidate letters of a question are read from its option lines
-(``A: ...``, ``B: ...``) after the last ``Options:`` line, never hard-coded, so data with three or
-five options works as well as the published four-option sets.
+Two formats, recognised per file (``--format`` forces one); one set holds one format:
 
-Validation reads the whole file before anything expensive happens, and a problem raises
-:class:`DataError` naming the file, the line and what is wrong.
+- **multiple choice** (SPEC's, the default and unchanged): at least ``label`` (the answer letter) and
+  ``question`` (the whole user message: question, options, instruction). The candidate letters of a
+  question are read from its option lines (``A: ...``, ``B: ...``) after the last ``Options:`` line, never
+  hard-coded, so data with three or five options works as well as the published four-option sets;
+- **open-ended**: ``question`` (the user message) and ``answer`` (the assistant's), optionally
+  ``aliases`` (other accepted answers, a list of strings).
+
+Every other field is carried through untouched. Validation reads the whole file before anything
+expensive happens, and a problem raises :class:`DataError` naming the file, the line and what is wrong.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ log = logging.getLogger("cnl.data")
 __all__ = [
     "DataError",
     "MCRow",
+    "OpenRow",
+    "FORMATS",
+    "row_format",
+    "rows_format",
+    "read_jsonl",
+    "validate_open_row",
     "option_letters",
     "read_mc_jsonl",
     "validate_row",
@@ -86,6 +95,73 @@ class MCRow:
     letters: tuple[str, ...]
     raw: dict[str, Any] = field(repr=False, compare=False)
     line: int = 0
+
+
+@dataclass(frozen=True)
+class OpenRow:
+    """One validated open-ended question.
+
+    Attributes:
+        question: the user message.
+        answer: the expected answer (the assistant's message in training).
+        aliases: other accepted answers.
+        raw: the original JSON object, every field kept.
+        line: 1-based line number in the source file (0 when built in memory).
+    """
+
+    question: str
+    answer: str
+    aliases: tuple[str, ...]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+    line: int = 0
+
+    @property
+    def label(self) -> str:
+        """The expected answer (the name multiple-choice rows give their letter)."""
+        return self.answer
+
+
+#: The data formats (``--format``): ``auto`` recognises each file's.
+FORMATS = ("auto", "mcq", "open")
+
+
+def row_format(obj: Any) -> str | None:
+    """``mcq`` for a row with a ``label``, ``open`` for one with an ``answer`` and no ``label``; None otherwise
+    (the named multiple-choice sets also carry the correct option's text as ``answer``: a label decides)."""
+    if not isinstance(obj, dict):
+        return None
+    if "label" in obj:
+        return "mcq"
+    if "answer" in obj:
+        return "open"
+    return None
+
+
+def rows_format(rows: Sequence[Any]) -> str:
+    """``open`` when the rows are open-ended questions, else ``mcq`` (an empty set counts as multiple choice)."""
+    return "open" if rows and isinstance(rows[0], OpenRow) else "mcq"
+
+
+def validate_open_row(obj: Any, *, path: str | Path | None = None, line: int | None = None) -> OpenRow:
+    """Check one decoded JSON value as an open-ended question, or raise :class:`DataError`."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, line)
+    for key in ("question", "answer"):
+        if key not in obj:
+            raise DataError(
+                f"field '{key}' is missing (an open-ended question needs 'question' and 'answer')", path, line
+            )
+        value = obj[key]
+        if not isinstance(value, str):
+            raise DataError(f"field '{key}' must be a string, got {type(value).__name__}", path, line)
+        if not value.strip():
+            raise DataError(f"field '{key}' is empty", path, line)
+    aliases = obj.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise DataError("field 'aliases' must be a list of non-empty strings (other accepted answers)", path, line)
+    for key, value in obj.items():
+        _check_unicode(value, key, path, line)
+    return OpenRow(obj["question"], obj["answer"], tuple(aliases), raw=obj, line=line or 0)
 
 
 def option_letters(question: str) -> tuple[str, ...]:
@@ -164,20 +240,25 @@ def _check_unicode(value: Any, key: str, path: str | Path | None, line: int | No
             _check_unicode(v, f"{key}[{i}]", path, line)
 
 
-def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]:
-    """Read and validate a whole multiple-choice JSONL file.
+def read_jsonl(path: str | Path, *, fmt: str = "auto", allow_empty: bool = False) -> list[Any]:
+    """Read and validate a whole JSONL file of questions: :class:`MCRow` or :class:`OpenRow`, one format.
 
-    Blank lines, CRLF line endings, a UTF-8 byte-order mark, extra fields and non-ASCII text are
-    fine. Anything else wrong raises :class:`DataError` with the file and line, before the caller
-    does any work. An empty file is an error too, unless ``allow_empty`` (a split can legitimately
-    write an empty mastered or injection set).
+    ``fmt`` ``auto`` takes the format of the first row (``label``: multiple choice; ``answer`` without a
+    label: open-ended) and refuses a file that mixes them; ``mcq`` or ``open`` forces one. Blank lines, CRLF
+    line endings, a UTF-8 byte-order mark, extra fields and non-ASCII text are fine. Anything else wrong
+    raises :class:`DataError` with the file and line, before the caller does any work. An empty file is an
+    error too, unless ``allow_empty`` (a split can legitimately write an empty mastered or injection set).
     """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     p = Path(path)
     check_regular_file(p)
     data = p.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    rows: list[MCRow] = []
+    rows: list[Any] = []
+    chosen = None if fmt == "auto" else fmt
+    first_line = 0
     for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
         try:
             text = raw_line.decode("utf-8")
@@ -189,7 +270,18 @@ def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", p, lineno) from None
-        rows.append(validate_row(obj, path=p, line=lineno))
+        kind = row_format(obj)
+        if chosen is None:
+            chosen, first_line = kind or "mcq", lineno
+        elif fmt == "auto" and kind is not None and kind != chosen:
+            names = {"mcq": "multiple-choice ('label')", "open": "open-ended ('answer', no 'label')"}
+            raise DataError(
+                f"this row is {names[kind]} but line {first_line} is {names[chosen]}: one set holds one format",
+                p,
+                lineno,
+            )
+        validate = validate_open_row if chosen == "open" else validate_row
+        rows.append(validate(obj, path=p, line=lineno))
     if not rows and not allow_empty:
         raise DataError("no rows: the file is empty", p)
     dups = duplicate_lines(rows)
@@ -197,6 +289,12 @@ def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[MCRow]
         shown = ", ".join(f"line {a} repeats line {b}" for a, b in dups[:3])
         log.warning("%s: %d duplicate question(s) (%s%s)", p, len(dups), shown, ", ..." if len(dups) > 3 else "")
     return rows
+
+
+def read_mc_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[Any]:
+    """Read and validate a whole JSONL file of questions in either format (:func:`read_jsonl`, format
+    recognised from the file)."""
+    return read_jsonl(path, allow_empty=allow_empty)
 
 
 def check_regular_file(path: Path) -> None:
@@ -214,8 +312,8 @@ def check_regular_file(path: Path) -> None:
         raise DataError(f"is {kind}, expected a JSONL file", path)
 
 
-def duplicate_lines(rows: Sequence[MCRow]) -> list[tuple[int, int]]:
-    """``(line, first line)`` of every question whose text and label repeat an earlier row of the file."""
+def duplicate_lines(rows: Sequence[Any]) -> list[tuple[int, int]]:
+    """``(line, first line)`` of every question whose text and label (answer) repeat an earlier row of the file."""
     first: dict[tuple[str, str], int] = {}
     dups = []
     for r in rows:
@@ -227,9 +325,12 @@ def duplicate_lines(rows: Sequence[MCRow]) -> list[tuple[int, int]]:
     return dups
 
 
-def rows_from_dicts(objs: Sequence[dict[str, Any]], source: str = "<memory>") -> list[MCRow]:
-    """Validate in-memory rows (e.g. a prepared named dataset); row i is reported as line i+1."""
-    return [validate_row(o, path=source, line=i + 1) for i, o in enumerate(objs)]
+def rows_from_dicts(objs: Sequence[dict[str, Any]], source: str = "<memory>", fmt: str = "auto") -> list[Any]:
+    """Validate in-memory rows (e.g. a prepared named dataset), in the format of the first (or ``fmt``);
+    row i is reported as line i+1."""
+    chosen = (row_format(objs[0]) or "mcq") if fmt == "auto" and objs else fmt
+    validate = validate_open_row if chosen == "open" else validate_row
+    return [validate(o, path=source, line=i + 1) for i, o in enumerate(objs)]
 
 
 def rows_digest(rows: Sequence[Any]) -> str:
@@ -239,7 +340,7 @@ def rows_digest(rows: Sequence[Any]) -> str:
 
     h = hashlib.sha256()
     for r in rows:
-        obj = r.raw if isinstance(r, MCRow) else r
+        obj = r.raw if isinstance(r, MCRow | OpenRow) else r
         h.update(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
     return h.hexdigest()[:16]
 
@@ -255,7 +356,7 @@ def take_limit(rows: Sequence[MCRow], limit: int | None) -> list[MCRow]:
 
 def _group_value(row: Any, key: str) -> Any:
     """``row[key]`` for a dict or an :class:`MCRow` (its ``raw`` object); None when absent."""
-    obj = row.raw if isinstance(row, MCRow) else row
+    obj = row.raw if isinstance(row, MCRow | OpenRow) else row
     return obj.get(key) if isinstance(obj, dict) else None
 
 
@@ -291,24 +392,29 @@ def split_halves(
     return first, second
 
 
-def resolve_dataset(name_or_path: str, *, limit: int | None = None) -> tuple[list[MCRow], str]:
-    """Rows and tag for ``--dataset``: a named dataset (csqa, arc_c, medqa, mmlu) or a JSONL path.
+def resolve_dataset(name_or_path: str, *, limit: int | None = None, fmt: str = "auto") -> tuple[list[Any], str]:
+    """Rows and tag for ``--dataset``: a named dataset (csqa, arc_c, medqa, mmlu; open-ended: nq-open,
+    jeopardy, sciq-open, squad-open) or a JSONL path (either format; ``fmt`` forces one).
 
     An existing file wins over a name, so a local ``csqa`` file can still be used. The tag is the
     dataset name or the file's stem and names the split files. The whole file is validated before
     ``limit`` is applied, so a bad line anywhere is reported before any model work starts.
     """
-    from .datasets import NAMED_DATASETS, load_named_dataset
+    from .datasets import NAMED_DATASETS, OPEN_DATASETS, load_named_dataset, load_open_dataset
 
     p = Path(name_or_path).expanduser()
     if p.is_file() or p.suffix in (".jsonl", ".json") or "/" in name_or_path:
-        rows = read_mc_jsonl(p)
+        rows = read_jsonl(p, fmt=fmt)
         tag = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.stem
     elif name_or_path in NAMED_DATASETS:
-        rows = rows_from_dicts(load_named_dataset(name_or_path), source=f"dataset '{name_or_path}'")
+        rows = rows_from_dicts(load_named_dataset(name_or_path), source=f"dataset '{name_or_path}'", fmt=fmt)
+        tag = name_or_path
+    elif name_or_path in OPEN_DATASETS:
+        rows = rows_from_dicts(load_open_dataset(name_or_path), source=f"dataset '{name_or_path}'", fmt=fmt)
         tag = name_or_path
     else:
-        raise DataError(f"'{name_or_path}' is neither a JSONL file nor a named dataset ({', '.join(NAMED_DATASETS)})")
+        known = ", ".join((*NAMED_DATASETS, *OPEN_DATASETS))
+        raise DataError(f"'{name_or_path}' is neither a JSONL file nor a named dataset ({known})")
     return take_limit(rows, limit), tag
 
 
@@ -316,7 +422,7 @@ def resolve_dataset(name_or_path: str, *, limit: int | None = None) -> tuple[lis
 GENERAL_DEFAULT_SIZE = 500
 
 
-def resolve_general(spec: str) -> tuple[list[MCRow], str]:
+def resolve_general(spec: str, fmt: str = "auto") -> tuple[list[Any], str]:
     """Rows and tag of a general-knowledge set: ``NAME[:N]`` or ``FILE.jsonl[:N]``.
 
     ``N`` questions (default :data:`GENERAL_DEFAULT_SIZE`; ``all`` for every one) are sampled with a
@@ -326,7 +432,7 @@ def resolve_general(spec: str) -> tuple[list[MCRow], str]:
     name, sep, size = spec.rpartition(":")
     if not sep or (size != "all" and not size.isdigit()):
         name, size = spec, str(GENERAL_DEFAULT_SIZE)
-    rows, tag = resolve_dataset(name)
+    rows, tag = resolve_dataset(name, fmt=fmt)
     if size != "all":
         n = int(size)
         if n < 1:

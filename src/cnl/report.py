@@ -31,6 +31,8 @@ class RunRecord:
     learned: list[int]
     forgotten: list[int]
     general: list[float] | None = None
+    #: Learned and forgotten per epoch under each other phrasing (``--eval-templates``).
+    phrasings: dict[str, tuple[list[int], list[int]]] | None = None
     #: ``finished``, or how the run stands: ``running``, ``interrupted``, ``failed``, ``stopped`` (its process gone).
     status: str = "finished"
 
@@ -64,6 +66,7 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
         learned=series.learned,
         forgotten=series.forgotten,
         general=series.general,
+        phrasings=series.phrasings,
         status=rundir.live_status(info),
     )
 
@@ -134,6 +137,14 @@ def build_report(runs: list[RunRecord], *, mixed_forget_sets: bool = False) -> d
             "general_before": r.info.get("general_accuracy_before"),
             "forgetting_reduction_pct": None,
             "baseline_run": None,
+            "phrasings": {
+                p: {
+                    "learned": learned[-1],
+                    "forgotten": forgotten[-1],
+                    **{f"{k}_before": v for k, v in (r.info.get("phrasings_before") or {}).get(p, {}).items()},
+                }
+                for p, (learned, forgotten) in (r.phrasings or {}).items()
+            },
         }
         if fts and not row["is_baseline"]:
             # the ft run with the same optimizer when there is one, else the first ft run
@@ -266,10 +277,32 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         "figures): *running*, *interrupted*, *failed*, or *stopped* (its process is gone: `--resume` continues it)."
         + (" General accuracy: on the general-knowledge set of `--general`, at the final epoch." if general else ""),
     ]
+    phrased = [r for r in rows if r.get("phrasings")]
+    if phrased:
+        lines += [
+            "",
+            "## Under other phrasings",
+            "",
+            "Learned and forgotten at the final epoch when the questions are asked in other words "
+            "(`--eval-templates`), beside the training phrasing; in brackets, before training.",
+            "",
+            "| run | phrasing | learned | forgotten |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for r in phrased:
+            lines.append(f"| {r['run']} | (training) | {r['final_learned']} | {r['final_forgotten']} |")
+            for p, v in r["phrasings"].items():
+                lines.append(f"| {r['run']} | {p} | {_with_before(v, 'learned')} | {_with_before(v, 'forgotten')} |")
     if figure:
         lines += ["", f"![learned and forgotten per epoch]({figure})"]
         lines += ["", "![learned against forgotten, the best trade-off front marked](pareto.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _with_before(counts: dict[str, Any], key: str) -> str:
+    """``12 (3)``: the final count and, when known, the count before training."""
+    before = counts.get(f"{key}_before")
+    return f"{counts[key]}" + (f" ({before})" if before is not None else "")
 
 
 def status_text(row: dict[str, Any]) -> str:

@@ -6,7 +6,8 @@ read it back through :class:`RunDir` only::
     run.json          method, optimizer, setting, roles, sets (file, sha256, count), status, epochs done
     config.yaml       the resolved configuration (``--config`` takes it back)
     summary.csv       one row per finished epoch (SPEC columns, then masked fraction and seconds)
-    predictions/      epoch_001_injection.jsonl, ... (label, predict_label, question)
+    predictions/      epoch_001_injection.jsonl, ... (label, predict_label, question; open-ended: question,
+                      answer, prediction, correct)
     train.log
     checkpoint/       latest.json -> epoch_NNN/ (meta.json; rank_R.safetensors + rank_R.json per process:
                       weights, optimizer and method state, RNG; never a pickle)
@@ -67,6 +68,8 @@ class RunSeries:
     learned: list[int]
     forgotten: list[int]
     general: list[float] | None = None
+    #: Learned and forgotten per epoch under each other phrasing (``--eval-templates``), by its name.
+    phrasings: dict[str, tuple[list[int], list[int]]] | None = None
 
 
 class RunDir:
@@ -195,7 +198,7 @@ class RunDir:
                             f"{self.summary}:{reader.line_num}: damaged row (wrong number of fields); {hint}"
                         )
                     try:
-                        out.append({k: (int(v) if k in INT_COLUMNS else float(v)) for k, v in r.items()})
+                        out.append({k: (int(v) if k.split("@")[0] in INT_COLUMNS else float(v)) for k, v in r.items()})
                     except ValueError:
                         raise RunDirError(f"{self.summary}:{reader.line_num}: damaged row {r}; {hint}") from None
         except UnicodeDecodeError as e:
@@ -218,21 +221,37 @@ class RunDir:
                 "--keep-checkpoint recomputes from the last checkpoint"
             )
         general = [r["general_accuracy"] for r in rows] if rows and "general_accuracy" in rows[0] else None
-        return RunSeries([r["epoch"] for r in rows], [r[learn] for r in rows], [r[forget] for r in rows], general)
-
-    # ------------------------------------------------------------------ predictions
-    def write_predictions(self, epoch: int, set_name: str, rows: Sequence[Any], letters: Sequence[str]) -> None:
-        """One JSONL line per question: ``label``, ``predict_label``, ``question`` (SPEC §4)."""
-        atomic_write_jsonl(
-            self.prediction_file(epoch, set_name),
-            (
-                {"label": r.label, "predict_label": x, "question": r.question}
-                for r, x in zip(rows, letters, strict=True)
-            ),
+        names = [c.split("@", 1)[1] for c in (rows[0] if rows else {}) if c.startswith(f"{learn}@")]
+        phrasings = {p: ([r[f"{learn}@{p}"] for r in rows], [r[f"{forget}@{p}"] for r in rows]) for p in names}
+        return RunSeries(
+            [r["epoch"] for r in rows],
+            [r[learn] for r in rows],
+            [r[forget] for r in rows],
+            general,
+            phrasings or None,
         )
 
-    def read_predicted_letters(self, epoch: int, set_name: str) -> list[str]:
-        """The ``predict_label`` of every question of a prediction file, in order."""
+    # ------------------------------------------------------------------ predictions
+    def write_predictions(self, epoch: int, set_name: str, rows: Sequence[Any], predictions: Any) -> None:
+        """One JSONL line per question. Multiple choice (SPEC §4): ``label``, ``predict_label``, ``question``.
+        Open-ended: ``question``, ``answer`` (and ``aliases``), ``prediction`` (the generated answer, or the
+        answer the fast path found the model gives exactly) and ``correct``."""
+        from .data import OpenRow
+
+        def line(r: Any, answer: str, ok: bool) -> dict[str, Any]:
+            if not isinstance(r, OpenRow):
+                return {"label": r.label, "predict_label": answer, "question": r.question}
+            extra = {"aliases": list(r.aliases)} if r.aliases else {}
+            return {"question": r.question, "answer": r.answer, **extra, "prediction": answer, "correct": ok}
+
+        atomic_write_jsonl(
+            self.prediction_file(epoch, set_name),
+            (line(r, a, ok) for r, a, ok in zip(rows, predictions.answers, predictions.correct, strict=True)),
+        )
+
+    def read_predictions(self, epoch: int, set_name: str) -> tuple[list[str], list[bool]]:
+        """``(the answers, whether each is correct)`` of a prediction file, in order (multiple choice: the
+        ``predict_label``, correct when it is the ``label``; open-ended: the ``prediction`` and ``correct``)."""
         path = self.prediction_file(epoch, set_name)
         if not path.is_file():
             raise RunDirError(f"{path}: missing (the run wrote no predictions for {set_name} at epoch {epoch})")
@@ -240,15 +259,22 @@ class RunDir:
             text_lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
             raise RunDirError(f"{path}: damaged, not UTF-8 text ({e.reason})") from None
-        letters = []
+        answers: list[str] = []
+        correct: list[bool] = []
         for line, text in enumerate(text_lines, start=1):
             if not text.strip():
                 continue
             try:
-                letters.append(str(json.loads(text)["predict_label"]))
+                row = json.loads(text)
+                if "correct" in row:  # open-ended
+                    answers.append(str(row["prediction"]))
+                    correct.append(bool(row["correct"]))
+                else:
+                    answers.append(str(row["predict_label"]))
+                    correct.append(answers[-1] == row["label"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise RunDirError(f"{path}:{line}: damaged prediction row") from None
-        return letters
+        return answers, correct
 
     # ------------------------------------------------------------------ set files
     @staticmethod
@@ -261,6 +287,8 @@ class RunDir:
         files = {}
         for name in names:
             meta = (info.get("sets") or {}).get(name)
+            if isinstance(meta, dict) and meta.get("file") is None and meta.get("count") == 0:
+                raise RunDirError(f"{self.root}: the run was given no {name} set")
             if not isinstance(meta, dict) or "file" not in meta or "sha256" not in meta:
                 raise RunDirError(f"{self.root}: run.json records no {name} set (file and sha256)")
             path = Path(meta["file"])
@@ -371,6 +399,36 @@ class RunDir:
                 f"{folder / f'rank_{dist.rank}.json'}: damaged checkpoint (not an object); {RECOVER_HINT}"
             )
         return meta, state
+
+    # ------------------------------------------------------------------ state carried to the next round
+    @property
+    def carry(self) -> Path:
+        return self.root / "carry"
+
+    def save_carry(self, state: dict[str, Any]) -> None:
+        """The method's state for the next round of ``cnl continual`` (safetensors + JSON, like a checkpoint)."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _split_tensors(state, "", tensors)
+        with atomic_dir(self.carry) as tmp:
+            atomic_save(tmp / "state.safetensors", lambda p: save_file(tensors, p))
+            atomic_write_json(tmp / "state.json", skeleton)
+
+    def load_carry(self) -> dict[str, Any] | None:
+        """:meth:`save_carry`'s state, or None when the run carried nothing."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not self.carry.is_dir():
+            return None
+        try:
+            return _join_tensors(
+                json.loads((self.carry / "state.json").read_text(encoding="utf-8")),
+                load_file(str(self.carry / "state.safetensors")),
+            )
+        except (OSError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise RunDirError(f"{self.carry}: damaged ({type(e).__name__}: {e}); run this round again") from None
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Prompt, answer tokens, prediction and loss exactly as SPEC §2, batched.
+"""Prompt, answer tokens, prediction and loss exactly as SPEC §2, batched; and the dispatch to open-ended
+questions (:mod:`cnl.answers`: the answer as the assistant's message, its tokens' loss, generated answers).
 
 - Prompt: the tokenizer's chat template on one user message (the question), generation prompt added,
   the template's own default system prompt kept. The rendered text is tokenized *without* special
@@ -21,12 +22,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DataError, MCRow
+from .answers import OpenEncoded, answer_losses, encode_open, score_open
+from .data import DataError, MCRow, OpenRow
 from .distributed import SINGLE, Dist
 from .errors import CnlError
 from .models import pad_token_id
@@ -45,6 +48,7 @@ __all__ = [
     "mc_batches",
     "predict",
     "Predictions",
+    "answer_examples",
 ]
 
 #: Date given to chat templates that print one (the Llama 3.x templates' own fallback date).
@@ -85,7 +89,9 @@ class PromptEncoder:
     of the run). The published Llama splits were made that way.
     """
 
-    def __init__(self, tokenizer, *, fixed_date: str = FIXED_DATE, style: str = "clean") -> None:
+    def __init__(
+        self, tokenizer, *, fixed_date: str = FIXED_DATE, style: str = "clean", answer_loss_end: bool = False
+    ) -> None:
         if style not in PROMPT_STYLES:
             raise CnlError(f"unknown prompt style {style!r} (choose from {', '.join(PROMPT_STYLES)})")
         self.style = style
@@ -96,6 +102,8 @@ class PromptEncoder:
             )
         self.tokenizer = tokenizer
         self.fixed_date = fixed_date
+        #: Whether an open-ended answer's loss counts the end-of-turn token too (``--answer-loss-end``).
+        self.answer_loss_end = answer_loss_end
         #: Token id that fills left padding (masked out, so any id works; 0 when the tokenizer has none).
         self.pad_id = pad_token_id(tokenizer)
         self._letter_cache: dict[str, int] = {}
@@ -139,8 +147,10 @@ class PromptEncoder:
             raise CnlError(f"letters {letters} do not map to distinct answer tokens with this tokenizer")
         return tokens
 
-    def encode(self, row: MCRow) -> Encoded:
-        """Encode one question."""
+    def encode(self, row: MCRow | OpenRow) -> Encoded | OpenEncoded:
+        """Encode one question (an open-ended one as :class:`cnl.answers.OpenEncoded`)."""
+        if isinstance(row, OpenRow):
+            return encode_open(self, row)
         candidates = self.candidates(row.letters)
         return Encoded(
             input_ids=tuple(self.prompt_ids(row.question)),
@@ -150,12 +160,12 @@ class PromptEncoder:
             label=row.label,
         )
 
-    def check(self, rows: Sequence[MCRow]) -> None:
+    def check(self, rows: Sequence[MCRow | OpenRow]) -> None:
         """Fail fast on what would stop :meth:`encode_all` (the template, letters without distinct
         answer tokens) without tokenizing every question: one prompt and each distinct letter set."""
         if rows:
-            self.prompt_ids(rows[0].question)
-        for letters in {r.letters for r in rows}:
+            self.encode(rows[0]) if isinstance(rows[0], OpenRow) else self.prompt_ids(rows[0].question)
+        for letters in {r.letters for r in rows if isinstance(r, MCRow)}:
             self.candidates(letters)
 
     def encode_all(self, rows: Sequence[MCRow]) -> list[Encoded]:
@@ -205,8 +215,9 @@ def encode_sets(
         too_long: list[tuple[MCRow, int]] = []
         for row in rows:
             e = encoder.encode(row)
-            if max_length is not None and len(e.input_ids) > max_length:
-                too_long.append((row, len(e.input_ids)))
+            n = _length(e)
+            if max_length is not None and n > max_length:
+                too_long.append((row, n))
                 skipped[name].append(row.line)
                 continue
             encoded[name].append(e)
@@ -263,8 +274,12 @@ def last_token_logits(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad
     return logits[:, -1, :]
 
 
-def batch_losses(model: torch.nn.Module, batch: Sequence[Encoded], pad_id: int = 0) -> torch.Tensor:
-    """Per-sample SPEC losses ``[len(batch)]``: full-vocabulary cross-entropy at the last position."""
+def batch_losses(model: torch.nn.Module, batch: Sequence[Encoded | OpenEncoded], pad_id: int = 0) -> torch.Tensor:
+    """Per-sample losses ``[len(batch)]``: SPEC's full-vocabulary cross-entropy at the last prompt position
+    for multiple-choice questions; for open-ended ones the mean cross-entropy over the answer's tokens
+    (:func:`cnl.answers.answer_losses`; the end of the turn too when they were encoded with it)."""
+    if batch and isinstance(batch[0], OpenEncoded):
+        return answer_losses(model, batch, pad_id)
     logits = last_token_logits(model, [e.input_ids for e in batch], pad_id)
     targets = torch.tensor([e.target for e in batch], device=logits.device)
     return F.cross_entropy(logits.float(), targets, reduction="none")
@@ -279,9 +294,14 @@ def spec_loss(pad_id: int = 0) -> Callable[[torch.nn.Module, Sequence[Encoded]],
     return loss_fn
 
 
-def mc_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Encoded]]:
+def _length(e: Encoded | OpenEncoded) -> int:
+    """What a forward pass of the loss covers: the prompt (and an open-ended question's answer)."""
+    return len(e.input_ids) + (len(e.loss_ids) if isinstance(e, OpenEncoded) else 0)
+
+
+def mc_batches(encoded: Sequence[Encoded | OpenEncoded], batch_size: int) -> list[list[Encoded | OpenEncoded]]:
     """Length-sorted batches of questions (the order the reference gradient and scoring use)."""
-    return [[encoded[i] for i in idx] for idx in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size)]
+    return [[encoded[i] for i in idx] for idx in length_sorted_batches([_length(e) for e in encoded], batch_size)]
 
 
 @dataclass
@@ -289,14 +309,22 @@ class Predictions:
     """Model answers for a list of questions, in input order.
 
     Attributes:
-        letters: predicted letter per question.
-        correct: whether the prediction equals the label.
-        candidate_logits: logits of the candidate letters' answer tokens (for inspection).
+        answers: the predicted letter per question, or an open-ended question's answer (the generated
+            text, or the answer the fast path found the model gives exactly).
+        correct: whether the prediction is correct (the label's letter; an accepted answer, see
+            :mod:`cnl.answers`).
+        candidate_logits: logits of the candidate letters' answer tokens (for inspection; empty for
+            open-ended questions).
     """
 
-    letters: list[str]
+    answers: list[str]
     correct: list[bool]
     candidate_logits: list[list[float]]
+
+    @property
+    def letters(self) -> list[str]:
+        """The predicted letters (:attr:`answers`, by the name multiple-choice callers use)."""
+        return self.answers
 
     @property
     def n_correct(self) -> int:
@@ -311,7 +339,7 @@ def iter_batches(encoded: Sequence[Encoded], batch_size: int) -> Iterator[list[i
 @torch.no_grad()
 def predict(
     model: torch.nn.Module,
-    encoded: Sequence[Encoded],
+    encoded: Sequence[Encoded | OpenEncoded],
     *,
     batch_size: int = 16,
     pad_id: int = 0,
@@ -319,15 +347,27 @@ def predict(
     progress: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
     dist: Dist = SINGLE,
-    placeholder: Encoded | None = None,
+    placeholder: Encoded | OpenEncoded | None = None,
+    tokenizer: Any = None,
+    score: str = "contains",
+    max_new_tokens: int | None = None,
+    fast: bool = True,
 ) -> Predictions:
-    """SPEC §2 prediction for every question: argmax over candidate answer tokens, batched.
+    """SPEC §2 prediction for every question: argmax over candidate answer tokens, batched; for open-ended
+    questions the greedy answer judged by ``score`` (:func:`cnl.answers.score_open`, which needs the
+    ``tokenizer`` to read generated answers; ``fast``: its fast path first).
 
     ``progress=None`` shows a bar only on a terminal; ``on_batch`` is told how many questions each
     finished batch held (used by callers with their own progress display). Under torchrun (``dist``)
     each rank scores its own ``encoded`` and joins the other ranks' remaining passes with forward passes
     on ``placeholder`` (a sharded model needs every rank in every pass).
     """
+    if (encoded and isinstance(encoded[0], OpenEncoded)) or isinstance(placeholder, OpenEncoded):
+        return _predict_open(
+            model, encoded, batch_size=batch_size, pad_id=pad_id, desc=desc, progress=progress, on_batch=on_batch,
+            dist=dist, placeholder=placeholder, tokenizer=tokenizer, score=score, max_new_tokens=max_new_tokens,
+            fast=fast,
+        )  # fmt: skip
     was_training = model.training
     model.eval()
     letters: list[str] = [""] * len(encoded)
@@ -362,4 +402,77 @@ def predict(
         bar.close()
         model.train(was_training)
     correct = [letters[i] == e.label for i, e in enumerate(encoded)]
-    return Predictions(letters=letters, correct=correct, candidate_logits=cand)
+    return Predictions(answers=letters, correct=correct, candidate_logits=cand)
+
+
+def _predict_open(
+    model: torch.nn.Module,
+    encoded: Sequence[OpenEncoded],
+    *,
+    batch_size: int,
+    pad_id: int,
+    desc: str | None,
+    progress: bool | None,
+    on_batch: Callable[[int], None] | None,
+    dist: Dist,
+    placeholder: OpenEncoded | None,
+    tokenizer: Any,
+    score: str,
+    max_new_tokens: int | None,
+    fast: bool,
+) -> Predictions:
+    if tokenizer is None:
+        raise ValueError("scoring open-ended questions needs the tokenizer (to read the generated answers)")
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(encoded), desc=desc, unit="q", disable=(progress is False) or None, leave=False)
+
+    def done(n: int) -> None:
+        bar.update(n)
+        if on_batch is not None:
+            on_batch(n)
+
+    try:
+        texts, correct = score_open(
+            model,
+            list(encoded),
+            list(iter_batches(encoded, batch_size)),
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            score=score,
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            fast=fast,
+            dist=dist,
+            placeholder=placeholder,
+            on_batch=done,
+        )
+    finally:
+        bar.close()
+        model.train(was_training)
+    return Predictions(answers=texts, correct=correct, candidate_logits=[[] for _ in encoded])
+
+
+def answer_examples(
+    tokenizer: Any, rows: Sequence[Any], *, answer_loss_end: bool = False, prompt_style: str = "clean"
+) -> list[dict[str, list[int]]]:
+    """Open-ended questions (dicts or :class:`~cnl.data.OpenRow`) as Hugging Face causal-LM examples for
+    :func:`cnl.reference_from` and :func:`cnl.protect`: ``input_ids`` = the prompt then the answer (and the
+    end of the turn with ``answer_loss_end``), ``labels`` = -100 on the prompt, so that their loss is
+    cnl's answer loss (the mean cross-entropy over the answer's tokens)."""
+    from .data import rows_from_dicts
+
+    encoder = PromptEncoder(tokenizer, style=prompt_style, answer_loss_end=answer_loss_end)
+    parsed = [r if isinstance(r, OpenRow) else None for r in rows]
+    if any(p is None for p in parsed):
+        parsed = rows_from_dicts([dict(r.raw if hasattr(r, "raw") else r) for r in rows], fmt="open")
+    out = []
+    for row in parsed:
+        e = encode_open(encoder, row)
+        out.append(
+            {
+                "input_ids": [*e.input_ids, *e.loss_ids],
+                "attention_mask": [1] * (len(e.input_ids) + len(e.loss_ids)),
+                "labels": [-100] * len(e.input_ids) + list(e.loss_ids),
+            }
+        )
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def roles_for(setting: str, uses_reference: bool) -> SetRoles:
     raise ConfigError(f"unknown setting {setting!r} (choose from {', '.join(SETTINGS)})")
 
 
-def resolve_set_files(data: DataConfig, roles: SetRoles) -> dict[str, Path]:
-    """Paths of every set the roles need, from ``--split DIR`` or the explicit file flags.
+def resolve_set_files(data: DataConfig, roles: SetRoles, optional: Sequence[str] = ()) -> dict[str, Path]:
+    """Paths of every set the roles need, from ``--split DIR`` or the explicit file flags; the sets named in
+    ``optional`` may be left out (they are then absent from the result).
 
     Raises a :class:`DataError` naming every missing file (and how to provide it) before any work.
     """
@@ -117,16 +119,17 @@ def resolve_set_files(data: DataConfig, roles: SetRoles) -> dict[str, Path]:
             raise ConfigError("no data: give --split DIR (from 'cnl split') or --mastered FILE --injection FILE")
         paths = {name: Path(v) for name, v in given.items() if v is not None}
         origin = "the command line"
-    missing = [n for n in roles.needed() if n not in paths]
+    needed = [n for n in roles.needed() if n in paths or n not in optional]
+    missing = [n for n in needed if n not in paths]
     if missing:
         flags = " ".join(f"--{n} FILE" for n in missing)
         raise ConfigError(
             f"setting '{roles.setting}' needs the {', '.join(missing)} set(s), which {origin} does not give: "
             f"pass {flags}, or use --split DIR from 'cnl split' (it writes every half)"
         )
-    absent = [f"{n} ({paths[n]})" for n in roles.needed() if not paths[n].exists()]
+    absent = [f"{n} ({paths[n]})" for n in needed if not paths[n].exists()]
     if absent:
         raise DataError(f"set file(s) not found: {', '.join(absent)}")
-    for n in roles.needed():
+    for n in needed:
         check_regular_file(paths[n])  # a directory or a FIFO is named as such
-    return {n: paths[n] for n in roles.needed()}
+    return {n: paths[n] for n in needed}

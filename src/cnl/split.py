@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .data import DataError, MCRow, split_halves
+from .data import DataError, MCRow, rows_format, split_halves
 from .io import atomic_write_json, atomic_write_jsonl
 from .scoring import Encoded, PromptEncoder, predict
 
@@ -69,23 +69,31 @@ def run_split(
     progress: bool | None = None,
     extra: dict[str, Any] | None = None,
     encoded: Sequence[Encoded] | None = None,
+    score: str = "contains",
+    max_new_tokens: int | None = None,
 ) -> SplitResult:
     """Score ``rows`` with ``model`` and write every split file plus the manifest into ``out_dir``.
 
     ``encoded`` (the rows already encoded for this tokenizer, e.g. while checking their lengths before
-    the weights loaded) saves a second tokenization."""
+    the weights loaded) saves a second tokenization. Open-ended questions are answered and judged by
+    ``score`` (:mod:`cnl.answers`); their rows get a ``prediction`` field instead of ``predict_label``."""
     out = Path(out_dir)
     t0 = time.perf_counter()
     encoder = PromptEncoder(tokenizer)
     if encoded is None:
         encoded = encoder.encode_all(rows)
-    preds = predict(model, encoded, batch_size=batch_size, pad_id=encoder.pad_id, desc="split", progress=progress)
+    preds = predict(
+        model, encoded, batch_size=batch_size, pad_id=encoder.pad_id, desc="split", progress=progress,
+        tokenizer=tokenizer, score=score, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
+    fmt = rows_format(rows)
+    key = "prediction" if fmt == "open" else "predict_label"
 
     correct: list[dict[str, Any]] = []
     wrong: list[dict[str, Any]] = []
-    for row, letter, ok in zip(rows, preds.letters, preds.correct, strict=True):
-        rec = {**row.raw, "predict_label": letter}
+    for row, answer, ok in zip(rows, preds.answers, preds.correct, strict=True):
+        rec = {**row.raw, key: answer}
         (correct if ok else wrong).append(rec)
     c1, c2 = split_halves(correct)
     w1, w2 = split_halves(wrong)
@@ -106,8 +114,15 @@ def run_split(
         "n": n,
         "accuracy": len(correct) / n if n else 0.0,
         "files": files,
-        "predicted_letters": dict(sorted(Counter(preds.letters).items())),
-        "label_letters": dict(sorted(Counter(r.label for r in rows).items())),
+        "format": fmt,
+        **(
+            {"score": score, "max_new_tokens": max_new_tokens}
+            if fmt == "open"
+            else {
+                "predicted_letters": dict(sorted(Counter(preds.answers).items())),
+                "label_letters": dict(sorted(Counter(r.label for r in rows).items())),
+            }
+        ),
         "seconds": round(seconds, 3),
         "questions_per_second": round(n / seconds, 3) if seconds > 0 else None,
         "halves_seed": 42,

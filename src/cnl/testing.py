@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -544,3 +544,46 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     path = Path(path)
     atomic_write_jsonl(path, (dict(row) for row in rows))
     return path
+
+
+#: Invented facts for open-ended tests: (question template, answers) filled with made-up names.
+_PLACES = ("Tarn", "Ruvia", "Osk", "Melp", "Vardo", "Quill", "Brenn", "Zell", "Ormo", "Lisk", "Padda", "Wend")
+_ANSWERS = ("Paris", "blue", "seven", "the Selke", "Oliver Wendt", "copper", "north", "Anna Roy", "tea", "granite")
+
+
+def make_open_rows(n: int, seed: int = 0, aliases: bool = True) -> list[dict[str, Any]]:
+    """``n`` open-ended rows about invented places (``question``, ``answer``, some with ``aliases``),
+    deterministic for ``seed``; questions are distinct."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        place = f"{_PLACES[i % len(_PLACES)]}{i // len(_PLACES) or ''}"
+        answer = rng.choice(_ANSWERS)
+        row: dict[str, Any] = {"question": f"What is the main export of {place}?", "answer": answer}
+        if aliases and i % 3 == 0:
+            row["aliases"] = [answer.lower() + " indeed"]
+        rows.append(row)
+    return rows
+
+
+def memorize(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], steps: int = 60, lr: float = 3e-3) -> Any:
+    """Teach a (tiny) model ``rows``' open-ended answers, each followed by the end of the turn, with full-batch
+    AdamW: a model that answers them exactly, for tests of scoring and generation. Returns the model, in eval
+    mode."""
+    import torch
+
+    from .answers import answer_losses
+    from .data import rows_from_dicts
+    from .scoring import PromptEncoder
+
+    encoder = PromptEncoder(tokenizer, answer_loss_end=True)
+    encoded = [encoder.encode(r) for r in rows_from_dicts(list(rows))]
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = answer_losses(model, encoded, encoder.pad_id).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .allocator import PeakMemory
 from .config import DataConfig, ModelConfig, TrainConfig, to_dict
-from .data import MCRow, read_mc_jsonl
+from .data import MCRow, read_jsonl
 from .distributed import SINGLE, Dist, from_env, local
 from .errors import CnlError, ConfigError, Terminated
 from .io import locked_output, refuse_foreign_files
@@ -46,7 +46,15 @@ from .optim import UpdateHooks, sparse_embedding_grads
 from .optimizer import MaskedOptimizer, build_optimizer
 from .reference import accumulate_mean_gradient, reference_sign
 from .rundir import RECOVER_HINT, RunDir, RunDirError, capture_rng, restore_rng
-from .scoring import Encoded, Predictions, PromptEncoder, batch_losses, mc_batches, predict, spec_loss
+from .scoring import (
+    Encoded,
+    Predictions,
+    PromptEncoder,
+    batch_losses,
+    mc_batches,
+    predict,
+    spec_loss,
+)
 from .sets import SetRoles, resolve_set_files, roles_for
 
 __all__ = [
@@ -95,9 +103,27 @@ class ResumeMismatch(ConfigError):
 GENERAL = "general"
 
 
-def summary_columns(roles: SetRoles, general: bool = False) -> list[str]:
-    """SPEC's columns for the setting, then masked fraction, general accuracy (with ``--general``) and
-    seconds per phase."""
+@dataclasses.dataclass
+class RoundLink:
+    """What makes a training run one round of ``cnl continual`` (:mod:`cnl.continual`).
+
+    Attributes:
+        watch: every set of the sequence by name (``set_0``: the original M; ``set_k``: round k's injection
+            set), evaluated after every epoch (predictions ``epoch_NNN_set_k.jsonl``, for the ledger).
+        before: also evaluate them before training (``epoch_000_set_k.jsonl``: the first round's R[0]).
+        carried: the method's state at the end of the previous round (:meth:`Method.round_end`: online
+            EWC's accumulated Fisher, L2-SP's original anchor), given to :meth:`Method.round_begin`.
+    """
+
+    watch: dict[str, Path]
+    before: bool = False
+    carried: dict[str, Any] | None = None
+
+
+def summary_columns(roles: SetRoles, general: bool = False, phrasings: Sequence[str] = ()) -> list[str]:
+    """SPEC's columns for the setting, then masked fraction, general accuracy (with ``--general``), the
+    learned and forgotten counts under each other phrasing (``--eval-templates``: ``wrong_to_correct@name``)
+    and seconds per phase."""
     return [
         "epoch",
         "train_avg_loss",
@@ -105,6 +131,7 @@ def summary_columns(roles: SetRoles, general: bool = False) -> list[str]:
         roles.forget_column,
         "masked_fraction",
         *(["general_accuracy"] if general else []),
+        *(c for p in phrasings for c in (f"{roles.learn_column}@{p}", f"{roles.forget_column}@{p}")),
         "reference_seconds",
         "train_seconds",
         "eval_seconds",
@@ -125,18 +152,20 @@ def train(
     model_tag: str | None = None,
     progress: bool | None = None,
     echo: bool = True,
+    link: RoundLink | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) one training run into ``out_dir``; return the summary rows.
 
     ``model``/``tokenizer`` may be given directly (tests, notebooks); otherwise ``model_cfg`` loads
-    them. Everything that can be checked is checked before the model is loaded.
+    them. Everything that can be checked is checked before the model is loaded. ``link`` makes the run a
+    round of ``cnl continual`` (sets watched every epoch; the method's state carried between rounds).
     """
     validate_train_config(cfg)
     dist = from_env(model_cfg.device)
     with contextlib.ExitStack() as stack:
         # rank 0 holds the run directory; every rank learns whether it could before going on
         agreed(dist, lambda: stack.enter_context(locked_output(out_dir, "cnl train")) if dist.is_main else None)
-        plan = agreed(dist, lambda: plan_run(cfg, data, model_cfg, out_dir, resume=resume, dist=dist))
+        plan = agreed(dist, lambda: plan_run(cfg, data, model_cfg, out_dir, resume=resume, dist=dist, link=link))
         if plan.finished_rows is not None:
             if echo and dist.is_main:
                 print(f"{plan.rundir.root}: run already finished ({len(plan.finished_rows)} epochs); nothing to do")
@@ -144,7 +173,7 @@ def train(
         say = stack.enter_context(_run_log(plan.rundir, echo)) if dist.is_main else _silent
         progress = progress if dist.is_main else False
         run = load(plan, model_cfg, model=model, tokenizer=tokenizer, model_tag=model_tag, say=say)
-        _general_before(run, progress)
+        _before_training(run, progress)
         meter = PeakMemory(next(run.model.parameters()).device)
         meter.reset()  # from here on: what training needs, not the loading of the full weights
         try:
@@ -173,11 +202,8 @@ def train(
                     preds = evaluate(
                         run.model,
                         {name: run.encoded[name] for name in _evaluated_sets(run)},
-                        batch_size=cfg.eval_batch_size,
-                        pad_id=run.pad_id,
-                        dist=dist,
                         desc=f"epoch {epoch} eval",
-                        progress=progress,
+                        **_eval_settings(run, progress),
                     )
                     t_eval = time.perf_counter() - t0
                     seconds = {"reference": t_ref, "train": t_train, "eval": t_eval}
@@ -189,20 +215,62 @@ def train(
     return run.rows
 
 
-def _general_before(run: Run, progress: bool | None) -> None:
-    """The general-knowledge accuracy of the untrained model (``--general``), once per run."""
-    if GENERAL not in run.encoded or run.rows or "general_accuracy_before" in run.info:
+def _before_training(run: Run, progress: bool | None) -> None:
+    """Once per run, before training: the general-knowledge accuracy (``--general``) and the learned and
+    forgotten counts under each other phrasing (``--eval-templates``) of the untrained model."""
+    if run.rows:
         return
-    enc = run.encoded[GENERAL]
-    before = evaluate(run.model, {GENERAL: enc}, batch_size=run.cfg.eval_batch_size, pad_id=run.pad_id,
-                      dist=run.plan.dist, desc="before training", progress=progress)  # fmt: skip
-    run.info["general_accuracy_before"] = round(before[GENERAL].n_correct / len(enc), 6)
-    run.say(f"general-knowledge accuracy before training: {run.info['general_accuracy_before']:.1%}")
+    roles = run.roles
+    if GENERAL in run.encoded and "general_accuracy_before" not in run.info:
+        enc = run.encoded[GENERAL]
+        before = evaluate(run.model, {GENERAL: enc}, desc="before training", **_eval_settings(run, progress))
+        run.info["general_accuracy_before"] = round(before[GENERAL].n_correct / len(enc), 6)
+        run.say(f"general-knowledge accuracy before training: {run.info['general_accuracy_before']:.1%}")
+    link = run.plan.link
+    if link and link.before and not run.rundir.prediction_file(0, next(iter(link.watch))).exists():
+        preds = evaluate(
+            run.model, {n: run.encoded[n] for n in link.watch}, desc="before training", **_eval_settings(run, progress)
+        )
+        if run.dist.is_main:
+            for name, p in preds.items():
+                run.rundir.write_predictions(0, name, run.plan.sets[name], p)
+        shown = ", ".join(f"{n} {p.n_correct}/{len(p.correct)}" for n, p in preds.items())
+        run.say(f"before training: {shown}")
+    if run.plan.phrasings and "phrasings_before" not in run.info:
+        sets = {f"{n}@{p}": run.encoded[f"{n}@{p}"] for p in run.plan.phrasings for n in (roles.learn, roles.forget)}
+        preds = evaluate(run.model, sets, desc="before training", **_eval_settings(run, progress))
+        run.info["phrasings_before"] = {
+            p: {
+                "learned": preds[f"{roles.learn}@{p}"].n_correct,
+                "forgotten": len(sets[f"{roles.forget}@{p}"]) - preds[f"{roles.forget}@{p}"].n_correct,
+            }
+            for p in run.plan.phrasings
+        }
+        shown = ", ".join(f"{p}: {v['learned']}/{v['forgotten']}" for p, v in run.info["phrasings_before"].items())
+        run.say(f"learned/forgotten under the other phrasings before training: {shown}")
+
+
+def _eval_settings(run: Run, progress: bool | None) -> dict[str, Any]:
+    """How the run scores its sets (:func:`evaluate`'s keyword arguments)."""
+    cfg = run.cfg
+    return {
+        "batch_size": cfg.eval_batch_size,
+        "pad_id": run.pad_id,
+        "dist": run.dist,
+        "progress": progress,
+        "tokenizer": run.tokenizer,
+        "score": cfg.score,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
 
 
 def _evaluated_sets(run: Run) -> list[str]:
     """The learning and forgetting sets, and the general-knowledge set when there is one."""
-    return list(dict.fromkeys((run.roles.learn, run.roles.forget, *([GENERAL] if GENERAL in run.encoded else []))))
+    roles = run.roles
+    phrased = [f"{name}@{p}" for p in run.plan.phrasings for name in (roles.learn, roles.forget)]
+    watched = list(run.plan.link.watch) if run.plan.link else []
+    general = [GENERAL] if GENERAL in run.encoded else []
+    return list(dict.fromkeys((roles.learn, roles.forget, *phrased, *watched, *general)))
 
 
 def _silent(msg: str) -> None:
@@ -248,6 +316,10 @@ class RunPlan:
     restart_note: str | None = None
     #: What a resumed run's run.json said of the process that ran it before (None: nothing to say).
     resume_note: str | None = None
+    #: The other phrasings the learning and forgetting sets are evaluated under (``--eval-templates``).
+    phrasings: list[str] = dataclasses.field(default_factory=list)
+    #: What makes the run a round of ``cnl continual`` (None: a run on its own).
+    link: RoundLink | None = None
     #: The summary of a finished run that needs no more epochs (None: there is work to do).
     finished_rows: list[dict[str, Any]] | None = None
 
@@ -260,6 +332,7 @@ def plan_run(
     *,
     resume: bool = False,
     dist: Dist = SINGLE,
+    link: RoundLink | None = None,
 ) -> RunPlan:
     """Validate the options, the sets and the run directory; no model work."""
     method = validate_train_config(cfg)
@@ -274,8 +347,14 @@ def plan_run(
     elif cfg.cpu_offload:
         raise ConfigError("--cpu-offload is FSDP2's CPU offload: it needs several processes (torchrun)")
     roles = roles_for(method.resolve_setting(cfg.setting), method.uses_reference)
-    files = resolve_set_files(data, roles)
-    sets = {name: read_mc_jsonl(path, allow_empty=True) for name, path in files.items()}
+    # Plain fine-tuning in-set may be given no mastered set (teaching a model facts it lacks, say): forgetting
+    # is then counted on an empty set.
+    optional = (roles.forget,) if roles.setting == "in-set" and roles.reference is None else ()
+    files = resolve_set_files(data, roles, optional)
+    sets = {name: read_jsonl(path, fmt=data.format, allow_empty=True) for name, path in files.items()}
+    none_given = [n for n in roles.needed() if n not in files]
+    for name in none_given:
+        sets[name] = []
     general_tag = None
     if data.general:
         from .data import resolve_general
@@ -283,6 +362,19 @@ def plan_run(
         if GENERAL in sets:
             raise ConfigError(f"a set is already called {GENERAL!r}")
         sets[GENERAL], general_tag = resolve_general(data.general)
+    for name, path in (link.watch if link else {}).items():
+        if name in sets:
+            raise ConfigError(f"a set is already called {name!r}")
+        files = {**files, name: Path(path)}
+        sets[name] = read_jsonl(path, fmt=data.format, allow_empty=True)
+    phrasings: list[str] = []
+    if data.eval_templates:
+        from .phrasings import load_phrasings, rephrase
+
+        for p in load_phrasings(data.eval_templates, [sets[roles.learn], sets[roles.forget]]):
+            for name in (roles.learn, roles.forget):
+                sets[f"{name}@{p.name}"] = rephrase(sets[name], p, str(files.get(name, name)))
+            phrasings.append(p.name)
     _check_sets_not_empty(method, roles, sets, {k: str(v) for k, v in files.items()}, cfg.batch_size * dist.world)
 
     from .models import resolve_device, resolve_dtype
@@ -299,9 +391,19 @@ def plan_run(
         "model": to_dict(model_cfg),
     }
     set_info = {name: RunDir.describe_set(path, len(sets[name])) for name, path in files.items()}
+    for name in none_given:
+        set_info[name] = {"file": None, "sha256": None, "count": 0}
     if general_tag is not None:
         set_info[GENERAL] = {"spec": data.general, "tag": general_tag, "count": len(sets[GENERAL])}
+    if phrasings:
+        from .io import file_digest
+
+        spec = data.eval_templates
+        digest = file_digest(spec) if Path(spec).is_file() else spec
+        set_info["phrasings"] = {"spec": spec, "sha256": digest, "names": phrasings}
     plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume, data.skip_long_prompts, dist)
+    plan.phrasings = phrasings
+    plan.link = link
     if rundir.exists():
         previous = rundir.read_info()
         if resume and previous.get("world_size", 1) != dist.world:
@@ -484,10 +586,22 @@ class Run:
         return self.cfg.update_in_backward and self.plan.method.updates_in_backward
 
     # ------------------------------------------------------------------ gradient passes (TrainingContext)
-    def mean_gradient(self) -> None:
-        """Add the mean SPEC-loss gradient over the reference set to the trainable ``.grad`` (this rank's
-        shard: every rank takes a contiguous share, divides by the set's size, and the sums reduce)."""
+    def reference_questions(self, epoch: int | None = None) -> list[Encoded]:
+        """The reference set's questions for CNL's sign in ``epoch``: all of them, or with
+        ``reference_sample`` N a sample of N drawn with the seed (``seed``, ``epoch``), in set order."""
         questions = self.encoded[self.roles.reference]
+        n = self.cfg.reference_sample
+        if epoch is None or not 0 < n < len(questions):
+            return list(questions)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        keep = sorted(torch.randperm(len(questions), generator=g)[:n].tolist())
+        return [questions[i] for i in keep]
+
+    def mean_gradient(self, epoch: int | None = None) -> None:
+        """Add the mean SPEC-loss gradient over the reference set (:meth:`reference_questions`) to the
+        trainable ``.grad`` (this rank's shard: every rank takes a contiguous share, divides by the set's size,
+        and the sums reduce)."""
+        questions = self.reference_questions(epoch)
         n, dist, model = len(questions), self.dist, self.model
         if not dist.enabled:
             accumulate_mean_gradient(
@@ -503,10 +617,11 @@ class Run:
         finally:
             model.train(was_training)
 
-    def example_gradients(self) -> Iterator[int]:
-        """One reference question at a time: its loss gradient in the trainable ``.grad`` (under torchrun
-        every rank takes the same question at 1/N of its weight, so the reduced sum is its gradient)."""
-        questions = self.encoded[self.roles.reference]
+    def example_gradients(self, which: str = "reference") -> Iterator[int]:
+        """One reference (or, ``which="train"``, training) question at a time: its loss gradient in the
+        trainable ``.grad`` (under torchrun every rank takes the same question at 1/N of its weight, so the
+        reduced sum is its gradient)."""
+        questions = self.train_enc if which == "train" else self.encoded[self.roles.reference]
         model, params, world = self.model, self.params, self.dist.world
         was_training = model.training
         model.eval()
@@ -567,6 +682,8 @@ def load(
     pool_enc = [e for name in roles.train for e in encoded[name]]
     order = plan.method.training_order(len(pool_enc), cfg)
     optimizer = build_run_optimizer(cfg, plan.method, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    if plan.link is not None and plan.link.carried and optimizer.hooks is not None:
+        plan.method.round_begin(optimizer.hooks, plan.link.carried, cfg)  # a checkpoint (below) restores later state
     rows: list[dict[str, Any]] = []
     if plan.resume_note:
         say(plan.resume_note)
@@ -579,10 +696,11 @@ def load(
             say(f"resuming after epoch {len(rows)}")
     info = _start_run_json(plan, loaded, model_tag, optimizer, rows)
     n_params = sum(local(p).numel() for _, p in optimizer.named_parameters()) * plan.dist.world
+    n_forget = len(sets[roles.forget]) if plan.set_info[roles.forget]["file"] else "none given"
     say(
         f"{cfg.method}/{cfg.optimizer} {roles.setting}: train on {'+'.join(roles.train)} ({len(pool_enc)}), "
         f"learning on {roles.learn} ({len(sets[roles.learn])}), forgetting on {roles.forget} "
-        f"({len(sets[roles.forget])}), reference {roles.reference or '-'}, lr {cfg.lr:g}, "
+        f"({n_forget}), reference {roles.reference or '-'}, lr {cfg.lr:g}, "
         f"{n_params / 1e6:.2f}M trainable parameters"
     )
     return Run(
@@ -609,7 +727,13 @@ def _load_model(
     # under torchrun every rank loads the weights on the CPU; sharding then moves only its shard
     load_cfg = dataclasses.replace(model_cfg, device="cpu") if plan.dist.enabled and model is None else model_cfg
     loaded = load_for_sets(
-        load_cfg, plan.sets, sources=sources, skip_long=plan.skip_long, model=model, tokenizer=tokenizer
+        load_cfg,
+        plan.sets,
+        sources=sources,
+        skip_long=plan.skip_long,
+        model=model,
+        tokenizer=tokenizer,
+        answer_loss_end=plan.cfg.answer_loss_end,
     )
     if loaded.sets.n_skipped:
         plan.sets = loaded.sets.rows
@@ -645,7 +769,7 @@ def _start_run_json(
     model_source = loaded.path_or_id if loaded.source is not None else plan.resolved["model"].get("model")
     if model_source is not None and Path(model_source).exists():
         model_source = str(Path(model_source).resolve())  # analyses find the base model from anywhere
-    columns = summary_columns(roles, GENERAL in sets)
+    columns = summary_columns(roles, GENERAL in sets, plan.phrasings)
     info: dict[str, Any] = {
         "method": cfg.method,
         "optimizer": cfg.optimizer,
@@ -727,7 +851,7 @@ def reference(run: Run, epoch: int, *, progress: bool | None = None) -> None:
         optimizer.reference = None
         with optimizer.paused():
             if run.dist.enabled:
-                run.mean_gradient()
+                run.mean_gradient(epoch)
                 ref = SignReference(run.cfg.sign_storage)
                 for _, p in run.params:  # each rank keeps the signs of its own shard
                     ref.set(p, local(p.grad) if p.grad is not None else torch.zeros_like(local(p)))
@@ -736,7 +860,7 @@ def reference(run: Run, epoch: int, *, progress: bool | None = None) -> None:
             else:
                 optimizer.reference = sign_reference(
                     run.model,
-                    run.encoded[name],
+                    run.reference_questions(epoch),
                     [p for _, p in run.params],
                     pad_id=run.pad_id,
                     batch_size=run.cfg.ref_batch_size,
@@ -852,25 +976,26 @@ def evaluate(
     dist: Dist = SINGLE,
     desc: str = "eval",
     progress: bool | None = None,
+    tokenizer: Any = None,
+    score: str = "contains",
+    max_new_tokens: int | None = None,
 ) -> dict[str, Predictions]:
-    """Predictions on each set (SPEC §4 step 3: the learning and forgetting sets).
+    """Predictions on each set (SPEC §4 step 3: the learning and forgetting sets); open-ended questions are
+    answered and judged by ``score`` (:func:`cnl.scoring.predict`, which needs the ``tokenizer`` for them).
 
     With ``dist`` every rank scores a contiguous share of each set and the shares are gathered, in
     order, on every rank (ranks with fewer batches join the others' passes: :meth:`Dist.lockstep`).
     """
     out = {}
+    common = {"batch_size": batch_size, "pad_id": pad_id, "progress": progress, "tokenizer": tokenizer,
+              "score": score, "max_new_tokens": max_new_tokens}  # fmt: skip
     for name, enc in sets.items():
         if not dist.enabled:
-            out[name] = predict(
-                model, enc, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress
-            )
+            out[name] = predict(model, enc, desc=f"{desc} {name}", **common)
             continue
         share = [enc[i] for i in dist.share(len(enc))]
-        mine = predict(
-            model, share, batch_size=batch_size, pad_id=pad_id, desc=f"{desc} {name}", progress=progress,
-            dist=dist, placeholder=enc[0],
-        )  # fmt: skip
-        parts = dist.gather((mine.letters, mine.correct, mine.candidate_logits))
+        mine = predict(model, share, desc=f"{desc} {name}", dist=dist, placeholder=enc[0], **common)
+        parts = dist.gather((mine.answers, mine.correct, mine.candidate_logits))
         out[name] = Predictions(*(sum((list(p[k]) for p in parts), []) for k in range(3)))
     return out
 
@@ -900,6 +1025,17 @@ def record(
         roles.forget_column: forgotten,
         "masked_fraction": round(masked_fraction, 6),
         **({"general_accuracy": round(preds[GENERAL].n_correct / len(sets[GENERAL]), 6)} if GENERAL in preds else {}),
+        **{
+            column: count
+            for p in run.plan.phrasings
+            for column, count in (
+                (f"{roles.learn_column}@{p}", preds[f"{roles.learn}@{p}"].n_correct),
+                (
+                    f"{roles.forget_column}@{p}",
+                    len(sets[f"{roles.forget}@{p}"]) - preds[f"{roles.forget}@{p}"].n_correct,
+                ),
+            )
+        },
         **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()},
         "epoch_seconds": round(epoch_seconds, 3),
     }
@@ -908,7 +1044,7 @@ def record(
         with _disk_full_message(f"the results of epoch {epoch}", "earlier epochs' results and checkpoint are kept"):
             for name, p in preds.items():
                 if name != GENERAL:  # its accuracy is the summary column; its predictions are not kept
-                    rundir.write_predictions(epoch, name, sets[name], p.letters)
+                    rundir.write_predictions(epoch, name, sets[name], p)
             rundir.write_summary(run.info["columns"], [*run.rows, row])
     run.rows.append(row)
     run.info["epochs_done"] = epoch
@@ -983,8 +1119,14 @@ def _fail(run: Run, e: BaseException) -> None:
 
 
 def _finish(run: Run) -> None:
-    """Save the model (``--save-model``), remove the checkpoint (unless kept) and record ``finished``."""
+    """Save the model (``--save-model``), the method's state for the next round (``cnl continual``), remove
+    the checkpoint (unless kept) and record ``finished``."""
     dist = run.plan.dist
+    if run.plan.link is not None:
+        with run.optimizer.paused():
+            carry = run.plan.method.round_end(run)
+        if carry and dist.is_main:
+            run.rundir.save_carry(carry)
     if run.cfg.save_model:
         kept = "every epoch's results and the last checkpoint are kept"
         with _disk_full_message(f"the model to {run.rundir.model}", kept):

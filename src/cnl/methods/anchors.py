@@ -26,6 +26,8 @@ class Pull(UpdateHooks):
         self.strength = strength
         self.anchor: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, torch.Tensor] | None = None
+        #: The Fisher was carried from earlier rounds (online EWC): kept for the round, not recomputed.
+        self.online = False
 
     def set_anchor(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         self.anchor = {n: local(p).detach().to(torch.float32, copy=True) for n, p in named}
@@ -40,10 +42,11 @@ class Pull(UpdateHooks):
         grad.add_(pull.to(grad.dtype), alpha=self.strength)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor, "fisher": self.fisher}
+        return {"anchor": self.anchor, "fisher": self.fisher, "online": self.online}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("anchor"):
             self.anchor = dict(state["anchor"])
         if state.get("fisher") is not None:
             self.fisher = dict(state["fisher"])
+        self.online = bool(state.get("online", self.online))

@@ -81,9 +81,10 @@ class TrainingContext(Protocol):
         """Add the mean gradient of the run's loss over the reference set to every trainable ``.grad``
         (each rank's shard under torchrun), at the current weights, in eval mode."""
 
-    def example_gradients(self) -> Iterator[int]:
-        """For each example of the reference set in turn, leave that example's gradient in the trainable
-        ``.grad`` (cleared before each) and yield the number of examples; ``.grad`` is cleared at the end."""
+    def example_gradients(self, which: str = "reference") -> Iterator[int]:
+        """For each example of the reference set (``which="train"``: of the training set) in turn, leave that
+        example's gradient in the trainable ``.grad`` (cleared before each) and yield the number of
+        examples; ``.grad`` is cleared at the end."""
 
     def say(self, message: str) -> None:
         """Print and log a line (rank 0 only)."""
@@ -110,8 +111,15 @@ def check_common_options(cfg: TrainConfig) -> None:
     for name in ("batch_size", "ref_batch_size", "eval_batch_size", "ref_chunks"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.reference_sample < 0:
+        raise ConfigError(f"reference_sample must be >= 0 (0: the whole reference set), got {cfg.reference_sample}")
+    from ..answers import SCORES
     from ..mask import SIGN_STORAGES
 
+    if cfg.score not in SCORES:
+        raise ConfigError(f"unknown score {cfg.score!r} (choose from {', '.join(SCORES)})")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.sign_storage not in SIGN_STORAGES:
         raise ConfigError(f"sign_storage must be one of {', '.join(SIGN_STORAGES)}, got {cfg.sign_storage!r}")
 
@@ -207,3 +215,12 @@ class Method:
 
     def begin_epoch(self, ctx: TrainingContext, epoch: int) -> None:
         """Per-epoch preparation after the sign reference (A-GEM's mean gradient, EWC's Fisher, HFT's draw)."""
+
+    # ------------------------------------------------------------------ cnl continual: one round to the next
+    def round_begin(self, hooks: UpdateHooks, carried: dict[str, Any], cfg: TrainConfig) -> None:
+        """Take the state :meth:`round_end` carried from the previous round (the method's continual form:
+        online EWC's accumulated Fisher, L2-SP's original anchor); the default carries nothing."""
+
+    def round_end(self, ctx: TrainingContext) -> dict[str, Any]:
+        """What the next round of ``cnl continual`` needs of this one (tensors allowed); default nothing."""
+        return {}

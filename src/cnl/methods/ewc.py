@@ -16,6 +16,7 @@ elements firmly and leaves the rest free, which is EWC's intent. EWC's papers tu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,18 +37,24 @@ class EWCOptions(MethodOptions):
     stable while lr · λ · max F < 2."""
     fisher: str = "epoch"
     """Recompute the Fisher and the anchor θ* at every epoch, or once (at the start weights)."""
+    gamma: float = 1.0
+    """cnl continual (online EWC): the weight of the Fisher accumulated over earlier rounds when a round's own is
+    added to it (F ← γ F + F_round; 1: every round counts fully)."""
 
     def validate(self) -> None:
         if not self.lambda_ >= 0:
             raise ConfigError(f"ewc_lambda must be >= 0, got {self.lambda_}")
         if self.fisher not in ("once", "epoch"):
             raise ConfigError(f"ewc_fisher must be once or epoch, got {self.fisher!r}")
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"ewc_gamma must be in [0, 1], got {self.gamma}")
 
 
-def diagonal_fisher(ctx: TrainingContext) -> dict[str, torch.Tensor]:
-    """Mean over the reference set of the squared gradient of each question's loss (this process's shard)."""
+def diagonal_fisher(ctx: TrainingContext, which: str = "reference") -> dict[str, torch.Tensor]:
+    """Mean over the reference set (``which="train"``: the training set) of the squared gradient of each
+    question's loss (this process's shard)."""
     fisher = {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in ctx.params}
-    for count in ctx.example_gradients():
+    for count in ctx.example_gradients(which):
         for n, p in ctx.params:
             if p.grad is not None:
                 g = local(p.grad).to_dense()
@@ -70,7 +77,29 @@ class EWC(Method):
     def begin_epoch(self, ctx: TrainingContext, epoch: int) -> None:
         hooks = ctx.hooks
         assert isinstance(hooks, Pull)
-        if self.options(ctx.cfg).fisher == "once" and hooks.fisher is not None:
+        if hooks.online:  # carried from earlier rounds: anchored at this round's start weights
+            if not hooks.anchor:
+                hooks.set_anchor(ctx.params)
+            return
+        if hooks.fisher is not None and self.options(ctx.cfg).fisher == "once":
             return  # computed at the start weights (and restored from the checkpoint on --resume)
         hooks.fisher = diagonal_fisher(ctx)
         hooks.set_anchor(ctx.params)
+
+    # online EWC over the rounds of cnl continual: a round's penalty uses the Fisher accumulated over the
+    # rounds before it, anchored at the round's start weights; at its end, its own training set's Fisher
+    # (at its end weights) is added, the old one weighted by γ (Schwarz et al. 2018, "Progress & Compress")
+    def round_begin(self, hooks: UpdateHooks, carried: dict[str, Any], cfg: TrainConfig) -> None:
+        assert isinstance(hooks, Pull)
+        if carried.get("fisher") is not None:
+            hooks.fisher = dict(carried["fisher"])
+            hooks.online = True  # the anchor is set at the first epoch's start (the round's start weights)
+            hooks.anchor = {}
+
+    def round_end(self, ctx: TrainingContext) -> dict[str, Any]:
+        hooks = ctx.hooks
+        assert isinstance(hooks, Pull)
+        gamma = self.options(ctx.cfg).gamma
+        new = diagonal_fisher(ctx, "train")
+        old = hooks.fisher or {}
+        return {"fisher": {n: f + gamma * old[n] if n in old else f for n, f in new.items()}}
