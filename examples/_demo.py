@@ -6,12 +6,12 @@ counts. Each example imports it from its own folder and keeps only its training 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cnl.data import MCRow, resolve_dataset
+from cnl.data import MCRow, resolve_dataset, resolve_general
 from cnl.models import load_model_and_tokenizer
 from cnl.scoring import Encoded, PromptEncoder, predict
 
@@ -29,8 +29,21 @@ class Demo:
     mastered: list[Encoded]
     injection: list[Encoded]
 
+    #: The general-knowledge questions of ``--general`` (empty without it).
+    general: list[Encoded] = field(default_factory=list)
+
     def count_correct(self, questions: list[Encoded]) -> int:
         return predict(self.model, questions, pad_id=self.pad_id, progress=False).n_correct if questions else 0
+
+    def self_prompts(self) -> list[MCRow]:
+        """The prompts whose present answers ``--reference self`` protects (a general set's questions)."""
+        rows, _ = resolve_general(self.args.self_prompts)
+        return rows
+
+    def general_line(self) -> str:
+        if not self.general:
+            return ""
+        return f", general {self.count_correct(self.general) / len(self.general):.1%} ({self.args.general})"
 
     def trainer_args(self, output_dir: str) -> dict[str, Any]:
         """The (SFT)TrainingArguments both Trainer examples share: the loop of ``own_loop.py`` (one question
@@ -60,7 +73,10 @@ class Demo:
         learned = self.count_correct(self.injection)
         forgotten = len(self.mastered) - self.count_correct(self.mastered)
         frozen = " (no CNL)" if masked_fraction is None else f" (CNL froze {masked_fraction:.0%} of the updates)"
-        print(f"after:  learned {learned}/{len(self.injection)}, forgotten {forgotten}/{len(self.mastered)}{frozen}")
+        print(
+            f"after:  learned {learned}/{len(self.injection)}, forgotten {forgotten}/{len(self.mastered)}"
+            f"{self.general_line()}{frozen}"
+        )
 
 
 def as_example(question: Encoded) -> dict[str, list[int]]:
@@ -77,8 +93,24 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--inject", type=int, default=16, help="wrongly answered questions to teach")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=3e-6)
-    parser.add_argument("--no-cnl", action="store_true", help="plain fine-tuning, for contrast")
-    return parser.parse_args()
+    parser.add_argument(
+        "--reference",
+        choices=("mastered", "self", "none"),
+        default="mastered",
+        help="what CNL protects: M (the questions answered correctly), the model's own answers to --self-prompts "
+        "(no labelled data), or nothing (plain fine-tuning)",
+    )
+    parser.add_argument("--no-cnl", action="store_true", help="plain fine-tuning, for contrast (--reference none)")
+    parser.add_argument(
+        "--self-prompts", default="mmlu:50", metavar="SET:N", help="the prompts of --reference self (default mmlu:50)"
+    )
+    parser.add_argument(
+        "--general", default=None, metavar="SET:N", help="also print the accuracy on a general set, e.g. arc_e:200"
+    )
+    args = parser.parse_args()
+    if args.no_cnl:
+        args.reference = "none"
+    return args
 
 
 def load_demo(description: str) -> Demo:
@@ -101,7 +133,9 @@ def load_demo(description: str) -> Demo:
         mastered=[questions[i] for i in m],
         injection=[questions[i] for i in i_],
     )
+    if args.general:
+        demo.general = encoder.encode_all(resolve_general(args.general)[0])
     print(f"{args.dataset}, {len(questions)} questions: M = {len(m)} answered correctly,", end=" ")
-    print(f"I = {len(i_)} answered wrongly, to teach")
-    print(f"before: learned 0/{len(i_)}, forgotten 0/{len(m)}")
+    print(f"I = {len(i_)} answered wrongly, to teach; protecting: {args.reference}")
+    print(f"before: learned 0/{len(i_)}, forgotten 0/{len(m)}{demo.general_line()}")
     return demo

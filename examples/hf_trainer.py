@@ -4,6 +4,7 @@ Runs offline on the embedded SmolLM2-135M-Instruct, about a minute on a 2-core C
 
     .venv/bin/python examples/hf_trainer.py               # with CNL
     .venv/bin/python examples/hf_trainer.py --no-cnl      # plain fine-tuning, for contrast
+    .venv/bin/python examples/hf_trainer.py --reference self   # protect its own answers to 50 MMLU questions
 
 1. Score a slice of ARC-Challenge (``_demo.py``); the questions the model answers correctly are the
    mastered set M, some of the others are the injection set I: the new facts to teach.
@@ -35,8 +36,10 @@ def main() -> None:
             train_dataset=Dataset.from_list([as_example(q) for q in demo.injection]),
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         )
-        if not args.no_cnl:
+        if args.reference == "mastered":
             cnl.protect(trainer, [as_example(q) for q in demo.mastered])  # reference recomputed every epoch
+        elif args.reference == "self":  # no labelled M: keep the model's present answers to general questions
+            cnl.protect(trainer, "self", prompts=demo.self_prompts())
         trainer.train()
     demo.report_trainer(trainer)
 

@@ -23,14 +23,18 @@ import cnl
 def main() -> None:
     demo = load_demo(__doc__.split("\n\n")[0])
     model, args = demo.model, demo.args
-    mastered = [as_example(q) for q in demo.mastered]
+    protected = None  # what the reference is computed on (None: plain fine-tuning)
+    if args.reference == "mastered":
+        protected = [as_example(q) for q in demo.mastered]
+    elif args.reference == "self":  # no labelled M: the model's own answers to general questions, before training
+        protected = cnl.self_reference(model, demo.tokenizer, demo.self_prompts())
     # Any torch SGD (with or without momentum), Adam or AdamW, wrapped: schedulers, clipping, state_dict work as usual.
     optimizer = cnl.MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0))
     fractions = []
     for epoch in range(1, args.epochs + 1):
-        if not args.no_cnl:
-            # signs of M's mean gradient at the current weights (clears .grad: call it between steps)
-            optimizer.reference = cnl.reference_from(model, mastered)
+        if protected is not None:
+            # signs of the protected examples' mean gradient at the current weights (clears .grad: between steps)
+            optimizer.reference = cnl.reference_from(model, protected)
         model.train()
         total = 0.0
         for question in demo.injection:

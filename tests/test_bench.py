@@ -36,3 +36,20 @@ def test_bench_mask_runs_and_reports_every_variant():
     for opt in ("sgd", "momentum", "adam", "adamw"):
         for variant in ("eager unmasked", "fused unmasked", "fused masked (bits)", "fused masked (int8)"):
             assert re.search(rf"^{opt}\s+{re.escape(variant)}\s+\d+\.\d+", out, re.M), (opt, variant, out)
+
+
+def test_bench_continual_prints_the_cost_per_size_and_the_sign_agreement(tmp_path):
+    from cnl.testing import make_open_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
+
+    tok = make_tiny_tokenizer("chatml")
+    make_tiny_model("qwen2", vocab_size=len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = make_open_rows(10, seed=3)
+    p, i = write_jsonl(tmp_path / "p.jsonl", rows[:6]), write_jsonl(tmp_path / "i.jsonl", rows[6:])
+    out = run(str(BENCH / "bench_continual.py"), "--start", str(tmp_path / "model"), "--protected", str(p),
+              "--injection", str(i), "--sizes", "2,4", "--samples", "2,6")  # fmt: skip
+    sizes = re.findall(r"^\s+(\d+)\s+\d+\.\d \(\s*\d+\.\d+/q\)", out, re.M)
+    assert sizes == ["2", "4"], out
+    agree = re.findall(r"^\s+(\d+)\s+(\d)\s+(\d+\.\d)%", out, re.M)
+    assert [(n, e) for n, e, _ in agree] == [("2", "1"), ("2", "2"), ("6", "1"), ("6", "2")], out
+    assert all(float(a) == 100.0 for n, _, a in agree if n == "6"), out  # the whole set: the same sign

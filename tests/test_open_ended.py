@@ -158,8 +158,8 @@ def test_a_cnl_step_on_open_ended_data_leaves_conflicting_elements_unmoved(world
         assert torch.equal(ref[clear], torch.sign(gm)[clear])
         conflict = ((gi > 0) & (ref < 0)) | ((gi < 0) & (ref > 0))
         assert torch.equal(p.detach()[conflict], b[conflict])
-        # the others moved by -lr·g (to float rounding: the tied embedding's two gradients add in another order)
-        torch.testing.assert_close(p.detach()[~conflict], (b - lr * gi)[~conflict], rtol=0, atol=1e-7)
+        # the others moved by -lr·g (to float rounding, 2 ulps: the tied embedding's two gradients add in another order)
+        torch.testing.assert_close(p.detach()[~conflict], (b - lr * gi)[~conflict], rtol=0, atol=2.5e-7)
         frozen += int(conflict.sum())
         moved += int((~conflict & (gi != 0)).sum())
     assert frozen > 0 and moved > 0

@@ -28,8 +28,8 @@ SHIPPED = {
     "replay": [("replay_seed", "seed", 7)],
     "mofo": [("mofo_fraction", "fraction", 0.5)],
     "hft": [("hft_redraw", "redraw", "never")],
-    "ewc": [("ewc_lambda", "lambda_", 3.0), ("ewc_fisher", "fisher", "once")],
-    "l2": [("l2_alpha", "alpha", 5.0)],
+    "ewc": [("ewc_lambda", "lambda_", 3.0), ("ewc_fisher", "fisher", "once"), ("ewc_gamma", "gamma", 0.5)],
+    "l2": [("l2_alpha", "alpha", 5.0), ("l2_anchor", "anchor", "original")],
 }  # fmt: skip
 
 

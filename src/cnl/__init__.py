@@ -8,7 +8,8 @@ For your own training code:
 - :class:`MaskedOptimizer` (:mod:`cnl.optimizer`): wraps torch's SGD, Adam or AdamW into a
   ``torch.optim.Optimizer`` whose updates are masked by a sign reference;
 - :func:`reference_from` (:mod:`cnl.reference`): the sign reference of a model on the data to protect
-  (:func:`answer_examples` turns open-ended questions into examples it takes);
+  (:func:`answer_examples` turns open-ended questions into examples it takes; :func:`self_reference` the
+  model's own answers to prompts, when there is no labelled set to protect);
 - :class:`CNLCallback` and :func:`protect` (:mod:`cnl.hf`): both, inside ``transformers.Trainer`` and
   TRL's ``SFTTrainer``.
 
@@ -27,6 +28,7 @@ __all__ = [
     "SignReference",
     "reference_from",
     "answer_examples",
+    "self_reference",
     "CNLCallback",
     "protect",
     "__version__",
@@ -37,6 +39,7 @@ _LAZY = {
     "SignReference": "cnl.mask",
     "reference_from": "cnl.reference",
     "answer_examples": "cnl.scoring",
+    "self_reference": "cnl.selfref",
     "CNLCallback": "cnl.hf",
     "protect": "cnl.hf",
 }
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from .optimizer import MaskedOptimizer
     from .reference import reference_from
     from .scoring import answer_examples
+    from .selfref import self_reference
 
 
 def __getattr__(name: str) -> Any:

@@ -307,6 +307,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .data import FORMATS
     from .mask import SIGN_STORAGES
     from .methods import method_names
+    from .methods.base import REPORT_TO
     from .optim import OPTIMIZERS
     from .resolve import add_method_arguments
     from .sets import SETTINGS
@@ -333,6 +334,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "setting": tuple(s for s in SETTINGS if s != "replay"),  # replay comes with --method replay
             "sign_storage": SIGN_STORAGES,
             "score": SCORES,
+            "report_to": REPORT_TO,
         },
         group_title="training",
         help_overrides={"method": _method_help()},
@@ -729,6 +731,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------- compare
+#: Training options ``cnl compare`` passes to every run: what is protected, what is watched while training.
+WATCH_FIELDS = ("reference", "probe", "eval_every", "eval_sample", "report_to")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan_compare, run_compare
     from .resolve import method_values_from_namespace
@@ -745,6 +751,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             **{k: getattr(args, k) for k in ("lr", "epochs", "optimizer") if getattr(args, k) is not None},
             "score": args.score,
             **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
+            **{k: v for k, v in values_from_namespace(args, TrainConfig).items() if k in WATCH_FIELDS},
             **method_values_from_namespace(args),
         },
         model=values_from_namespace(args, ModelConfig),
@@ -815,8 +822,16 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     from .config import field_docs
 
     p.add_argument("--eval-templates", default=None, metavar="FILE", help=field_docs(DataConfig)["eval_templates"])
+    from .methods.base import REPORT_TO
     from .resolve import add_method_arguments
 
+    add_dataclass_arguments(
+        p,
+        TrainConfig,
+        only=WATCH_FIELDS,
+        choices={"report_to": REPORT_TO},
+        group_title="every run: reference, watching",
+    )
     add_method_arguments(p, used_by="--methods ...")
     _add_model_arguments(p)
     p.set_defaults(handler=cmd_compare)
@@ -902,6 +917,7 @@ def _add_continual(sub: argparse._SubParsersAction) -> None:
     from .answers import SCORES
     from .continual import PROTECT
     from .methods import method_names
+    from .methods.base import REPORT_TO
     from .optim import OPTIMIZERS
     from .resolve import add_method_arguments
 
@@ -943,7 +959,7 @@ def _add_continual(sub: argparse._SubParsersAction) -> None:
     add_dataclass_arguments(
         p,
         TrainConfig,
-        choices={"method": method_names(), "optimizer": OPTIMIZERS, "score": SCORES},
+        choices={"method": method_names(), "optimizer": OPTIMIZERS, "score": SCORES, "report_to": REPORT_TO},
         exclude=("setting", "save_model", "cpu_offload"),
         group_title="training (every round)",
         help_overrides={"method": _method_help()},

@@ -128,8 +128,9 @@ def add_dataclass_arguments(
     group_description: str | None = None,
     prefix: str = "",
     help_overrides: dict[str, str] | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> None:
-    """Add one ``--field-name`` flag per dataclass field, help text from its docstring.
+    """Add one ``--field-name`` flag per dataclass field (``only``: those fields), help text from its docstring.
 
     Flags default to ``argparse.SUPPRESS``: a flag the user did not give leaves no attribute, so it
     cannot override a preset with a default value. With ``prefix`` (a method's name), the flags are
@@ -141,7 +142,7 @@ def add_dataclass_arguments(
     docs = field_docs(cls)
     target = parser.add_argument_group(group_title, group_description) if group_title else parser
     for f in dataclasses.fields(cls):
-        if f.name in exclude or not f.init:
+        if f.name in exclude or not f.init or (only is not None and f.name not in only):
             continue
         tp, optional = _base_type(hints[f.name])
         if tp not in (int, float, str, bool):
@@ -319,6 +320,25 @@ class TrainConfig:
     """Compute CNL's reference sign over N questions of the reference set drawn anew each epoch (a fixed-seed
     sample: seed, epoch), not the whole set: the reference pass stops growing with a protected set that grows
     round after round. 0: the whole set (SPEC)."""
+    reference: str = "mastered"
+    """What cnl (and agem, ewc, replay) protect: mastered (the setting's own set, SPEC), a set FILE in either
+    format, or self:N[:SOURCE]: the model's own greedy answers, before training, to N prompts of SOURCE (a named
+    offline set, mmlu, arc_e, nq-open, ...: its questions only; or a JSONL file of prompts; default mmlu for
+    multiple-choice runs, nq-open for open-ended ones). With a reference other than M, the mastered set is only
+    measured (and may be left out)."""
+    probe: str | None = None
+    """SET[:N]: N prompts (default 64, a fixed-seed sample) whose next-token distributions at the answer
+    positions are stored at the start; the mean forward KL of the model's from them (kl_drift) is logged after
+    every epoch and every --eval-every steps. SET: mastered, injection (the run's sets), a named set or a file."""
+    eval_every: int = 0
+    """Every K optimizer steps: a steps.csv row with the KL of --probe and the learned/forgotten counts on
+    --eval-sample questions (0: at epoch ends only)."""
+    eval_sample: int = 0
+    """With --eval-every: count learned and forgotten every K steps on N questions (a fixed-seed sample) of the
+    learning and of the forgetting set."""
+    report_to: str = "none"
+    """Where training curves go besides steps.csv and summary.csv: tensorboard (event files in
+    RUN_DIR/tensorboard), wandb (offline when there is no key or no network; RUN_DIR/wandb), or none."""
     ref_chunks: int = 1
     """Compute the reference over this many parameter groups, one extra forward pass each, so the
     fp32 gradient buffer covers only one group (lower peak memory, more time)."""

@@ -35,10 +35,12 @@ from transformers.training_args import TrainingArguments
 from .optimizer import MaskedOptimizer
 from .reference import LossFn, _materialize, reference_from
 
-__all__ = ["CNLCallback", "protect", "LOG_KEY"]
+__all__ = ["CNLCallback", "protect", "LOG_KEY", "KL_KEY"]
 
 #: The key of the masked fraction in the Trainer's logs.
 LOG_KEY = "cnl_masked_fraction"
+#: The key of the probe's KL drift from the starting model in the Trainer's logs (``probe=...``).
+KL_KEY = "cnl_kl_drift"
 
 
 def _numeric(value: Any) -> bool:
@@ -107,10 +109,14 @@ class CNLCallback(TrainerCallback):
             (``train_dataloader.collate_fn``), given only the examples' numeric fields.
         chunks: compute the reference gradient for 1/chunks of the parameters at a time (memory).
         progress: show a progress bar while the reference is computed.
+        probe: examples (tokenized, ``labels`` -100 off the answer: e.g. :func:`cnl.self_reference`'s) whose
+            answer distributions are taken when training begins; every log then gets ``cnl_kl_drift``, the mean
+            forward KL of the model's distributions from those (:class:`cnl.drift.DriftProbe`).
 
     Attributes:
         optimizer: the :class:`cnl.MaskedOptimizer` once training began.
         refreshes: the ``global_step`` of every (re)computation of the reference.
+        drift: the :class:`cnl.drift.DriftProbe` once training began (with ``probe``).
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class CNLCallback(TrainerCallback):
         collate_fn: Callable[[list[Any]], Any] | None = None,
         chunks: int = 1,
         progress: bool | None = False,
+        probe: Any = None,
     ) -> None:
         if refresh != "epoch" and not (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh >= 1):
             raise ValueError(f"refresh must be 'epoch' or a number of optimizer steps >= 1, got {refresh!r}")
@@ -138,6 +145,8 @@ class CNLCallback(TrainerCallback):
         self.optimizer: MaskedOptimizer | None = None
         self.refreshes: list[int] = []
         self._batches: list[Any] | None = None
+        self.probe = probe
+        self.drift: Any = None
 
     # ------------------------------------------------------------------------------------------ the reference
     def _reference_batches(self, train_dataloader: Any) -> list[Any]:
@@ -174,6 +183,10 @@ class CNLCallback(TrainerCallback):
         self.optimizer = wrap_trainer_optimizer(kwargs.get("optimizer"))
         self.optimizer.reference = None  # a new train() call: recompute on the weights it starts from
         self.refreshes = []
+        if self.probe is not None and self.drift is None:  # the weights this training starts from
+            from .drift import DriftProbe
+
+            self.drift = DriftProbe(kwargs["model"], self.probe, batch_size=self.batch_size)
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -201,14 +214,19 @@ class CNLCallback(TrainerCallback):
     ) -> None:
         if logs is None or self.optimizer is None:
             return
+        added = {}
         fraction = self.optimizer.pop_masked_fraction()
-        if fraction is None:
+        if fraction is not None:
+            added[LOG_KEY] = fraction
+        if self.drift is not None and kwargs.get("model") is not None:
+            added[KL_KEY] = self.drift.kl(kwargs["model"])
+        if not added:
             return
-        logs[LOG_KEY] = fraction
         # Trainer.log appended a copy of these logs (plus "step") to log_history just before this event
         last = state.log_history[-1] if state.log_history else None
-        if last is not None and all(last.get(k) == v for k, v in logs.items() if k != LOG_KEY):
-            last[LOG_KEY] = fraction
+        if last is not None and all(last.get(k) == v for k, v in logs.items()):
+            last.update(added)
+        logs.update(added)
 
 
 def _needs_tokenizing(data: Any) -> bool:
@@ -223,8 +241,15 @@ def _needs_tokenizing(data: Any) -> bool:
     return False
 
 
-def protect(trainer: Any, reference_data: Any, **kwargs: Any) -> CNLCallback:
+def protect(
+    trainer: Any, reference_data: Any, *, prompts: Any = None, max_new_tokens: int | None = None, **kwargs: Any
+) -> CNLCallback:
     """Protect ``reference_data`` during ``trainer.train()``: add a :class:`CNLCallback` and return it.
+
+    ``reference_data="self"`` protects the model's own present answers to ``prompts`` (strings, or questions
+    as :func:`cnl.self_reference` takes them), generated now by ``trainer.model`` with ``trainer.processing_class``
+    (greedy, at most ``max_new_tokens`` tokens each): no labelled data is needed. Their loss is over the answers'
+    tokens only, collated by cnl (the Trainer's collator could recompute the labels over the prompt too).
 
     The callback goes *first* in ``trainer.callback_handler.callbacks``: Trainer calls its callbacks in
     order with one ``logs`` dict, so ``cnl_masked_fraction``, added in ``on_log``, reaches the reporting
@@ -241,6 +266,20 @@ def protect(trainer: Any, reference_data: Any, **kwargs: Any) -> CNLCallback:
     handler = trainer.callback_handler
     if any(isinstance(cb, CNLCallback) for cb in handler.callbacks):
         raise ValueError("this trainer is already protected by a CNLCallback")
+    if isinstance(reference_data, str):
+        if reference_data != "self":
+            raise ValueError(f"reference_data: expected examples or 'self', got {reference_data!r}")
+        if not prompts:
+            raise ValueError("protect(trainer, 'self', prompts=[...]): the model answers these prompts; give some")
+        from .reference import _pad_collate
+        from .selfref import SELF_MAX_NEW_TOKENS, self_reference
+
+        reference_data = self_reference(
+            trainer.model, trainer.processing_class, prompts, max_new_tokens=max_new_tokens or SELF_MAX_NEW_TOKENS
+        )
+        kwargs.setdefault("collate_fn", _pad_collate)
+    elif prompts is not None:
+        raise ValueError("prompts= goes with protect(trainer, 'self', prompts=...)")
     if _needs_tokenizing(reference_data):
         prepare = getattr(trainer, "_prepare_dataset", None)  # TRL's SFTTrainer
         if prepare is None:

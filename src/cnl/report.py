@@ -9,7 +9,7 @@ For every run: method, optimizer, setting, learned (count and % of the learning 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ class RunRecord:
     phrasings: dict[str, tuple[list[int], list[int]]] | None = None
     #: ``finished``, or how the run stands: ``running``, ``interrupted``, ``failed``, ``stopped`` (its process gone).
     status: str = "finished"
+    #: ``steps.csv``'s rows (per optimizer step; the KL drift and sample counts at evaluation steps).
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    #: The probe's KL drift from the start per epoch (``--probe``), else None.
+    kl: list[float] | None = None
 
     @property
     def complete(self) -> bool:
@@ -68,6 +72,8 @@ def load_run_record(run_dir: str | Path) -> RunRecord:
         general=series.general,
         phrasings=series.phrasings,
         status=rundir.live_status(info),
+        steps=rundir.read_steps(),
+        kl=[float(r["kl_drift"]) for r in rundir.read_summary()] if "kl_drift" in info.get("columns", ()) else None,
     )
 
 
@@ -135,6 +141,8 @@ def build_report(runs: list[RunRecord], *, mixed_forget_sets: bool = False) -> d
             "is_baseline": is_baseline(r.info["method"]),
             "final_general": r.general[-1] if r.general else None,
             "general_before": r.info.get("general_accuracy_before"),
+            "final_kl_drift": r.kl[-1] if r.kl else None,
+            "reference": (r.info.get("config", {}).get("train") or {}).get("reference", "mastered"),
             "forgetting_reduction_pct": None,
             "baseline_run": None,
             "phrasings": {
@@ -229,6 +237,8 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
     rows = report["rows"]
     mixed = len({r["forget_set"] for r in rows}) > 1
     general = any(r.get("final_general") is not None for r in rows)
+    kl = any(r.get("final_kl_drift") is not None for r in rows)
+    references = any(r.get("reference", "mastered") != "mastered" for r in rows)
     forget = (
         "forgetting on each run's own set (column *forgets on*), compared in percent"
         if mixed
@@ -243,11 +253,15 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         + ("forgets on | " if mixed else "")
         + "epochs | learned (final) | forgotten (final) | best epoch | learned (best) | forgotten (best) "
         + "| forgetting reduction vs ft |"
-        + (" general accuracy |" if general else ""),
+        + (" general accuracy |" if general else "")
+        + (" KL drift |" if kl else "")
+        + (" reference |" if references else ""),
         "| --- | --- | --- | --- | --- | "
         + ("--- | " if mixed else "")
         + "---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-        + (" ---: |" if general else ""),
+        + (" ---: |" if general else "")
+        + (" ---: |" if kl else "")
+        + (" --- |" if references else ""),
     ]
     several = sum(1 for x in rows if x["is_baseline"]) > 1
     for r in rows:
@@ -267,6 +281,8 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
             f"| {r['best_epoch']} | {r['best_learned']} ({r['best_learned_pct']:.1f}%) "
             f"| {r['best_forgotten']} ({r['best_forgotten_pct']:.1f}%) | {red_s} |"
             + ((f" {gen:.1%} |" if gen is not None else " - |") if general else "")
+            + ((f" {r['final_kl_drift']:.4f} |" if r["final_kl_drift"] is not None else " - |") if kl else "")
+            + (f" {r['reference']} |" if references else "")
         )
     lines += [
         "",
@@ -275,7 +291,9 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
         "reduction: (forgotten % by ft − forgotten % by the run) / forgotten % by ft, at the final epoch. "
         "Status: *finished*, or how an incomplete run stands (its last finished epoch is shown; dashed in the "
         "figures): *running*, *interrupted*, *failed*, or *stopped* (its process is gone: `--resume` continues it)."
-        + (" General accuracy: on the general-knowledge set of `--general`, at the final epoch." if general else ""),
+        + (" General accuracy: on the general-knowledge set of `--general`, at the final epoch." if general else "")
+        + (" KL drift: the mean forward KL of the answer distributions on `--probe` from the start's." if kl else "")
+        + (" Reference: what the run protected (`--reference`)." if references else ""),
     ]
     phrased = [r for r in rows if r.get("phrasings")]
     if phrased:
@@ -296,6 +314,11 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
     if figure:
         lines += ["", f"![learned and forgotten per epoch]({figure})"]
         lines += ["", "![learned against forgotten, the best trade-off front marked](pareto.png)"]
+        if report.get("steps_figure"):
+            lines += [
+                "",
+                f"![step by step: loss, KL drift from the start, forgetting on a sample]({report['steps_figure']})",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -377,6 +400,49 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, mixed_forge
 
     plt.close(fig)
     plt.close(plot_pareto(report, out / "pareto.png"))
+    report["steps_figure"] = None
+    if any(r.steps for r in runs):
+        plt.close(plot_steps(runs, out / "steps.png"))
+        report["steps_figure"] = "steps.png"
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def plot_steps(runs: list[RunRecord], path: str | Path) -> Any:
+    """Step by step (``steps.csv``): the training loss (a moving mean over ~2% of the steps), and, where runs
+    measured them, the probe's KL drift from the start and the forgotten count on the sample of the forgetting
+    set; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has = {k: any(s.get(k) is not None for r in runs for s in r.steps) for k in ("kl_drift", "forgotten_sample")}
+    panels = ["loss", *(k for k, v in has.items() if v)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    titles = {
+        "loss": ("training loss per step (moving mean)", "loss"),
+        "kl_drift": ("KL drift from the start on the probe", "mean forward KL (nats)"),
+        "forgotten_sample": ("forgotten on the sample of the forgetting set", "questions"),
+    }
+    for ax, key in zip(axes[0], panels, strict=True):
+        for r in runs:
+            pts = [(s["step"], s[key]) for s in r.steps if s.get(key) is not None]
+            if not pts:
+                continue
+            x, y = zip(*pts, strict=True)
+            if key == "loss":
+                k = max(1, len(y) // 50)
+                y = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+            style = {"ls": "-" if r.complete else "--", "marker": None if key == "loss" else "o", "ms": 3}
+            ax.plot(x, y, label=f"{r.name} ({r.label})", **style)
+        ax.set_title(titles[key][0], fontsize=10)
+        ax.set_ylabel(titles[key][1])
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return fig

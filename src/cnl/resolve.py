@@ -217,6 +217,9 @@ def resolve_configs(
         option_layers.append((where, options))
     train_cfg = build_config(TrainConfig, *common_layers)
     train_cfg.options = build_config(method.options_class, *option_layers)
+    if not strict_flags and not method.accepts_reference:
+        # one --reference for several methods (compare, continual --methods): it is for those that protect a set
+        train_cfg.reference = TrainConfig.reference
     return ResolvedConfigs(train_cfg, data_cfg, model_cfg, preset)
 
 

@@ -110,6 +110,55 @@ class RunDir:
     def model(self) -> Path:
         return self.root / "model"
 
+    @property
+    def reference_file(self) -> Path:
+        """``--reference self:...``: the model's own answers the run protects (written once, at its start)."""
+        return self.root / "reference.jsonl"
+
+    def write_reference(self, rows: Sequence[Any]) -> None:
+        atomic_write_jsonl(self.reference_file, [r.raw for r in rows])
+
+    @property
+    def steps(self) -> Path:
+        """``steps.csv``: one row per optimizer step (loss, masked fraction, learning rate; the KL drift and the
+        sample counts at evaluation steps)."""
+        return self.root / "steps.csv"
+
+    def start_steps(self, columns: Sequence[str], epochs_done: int) -> None:
+        """Begin ``steps.csv`` with ``columns``, keeping the rows of the first ``epochs_done`` epochs (a resumed
+        run drops the steps of the epoch it recomputes)."""
+        kept = [r for r in self._raw_steps() if int(r.get("epoch") or 0) <= epochs_done] if epochs_done else []
+        atomic_write_csv(self.steps, columns, ([r.get(c) or "" for c in columns] for r in kept))
+
+    def _raw_steps(self) -> list[dict[str, str]]:
+        if not self.steps.exists():
+            return []
+        with open(self.steps, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    def append_step(self, columns: Sequence[str], row: dict[str, Any]) -> None:
+        """Add one row to ``steps.csv`` (flushed, so that a killed run keeps the steps it took)."""
+        with open(self.steps, "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(["" if row.get(c) is None else row[c] for c in columns])
+
+    def read_steps(self) -> list[dict[str, Any]]:
+        """``steps.csv``'s rows (numbers as floats, the step and epoch as ints, empty cells None); [] without one."""
+        out = []
+        for r in self._raw_steps():
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                if v in ("", None):
+                    row[k] = None
+                elif k in ("step", "epoch"):
+                    row[k] = int(v)
+                else:
+                    try:
+                        row[k] = float(v)
+                    except ValueError:
+                        row[k] = v
+            out.append(row)
+        return out
+
     def prediction_file(self, epoch: int, set_name: str) -> Path:
         return self.predictions / f"epoch_{epoch:03d}_{set_name}.jsonl"
 

@@ -49,6 +49,7 @@ __all__ = [
     "predict",
     "Predictions",
     "answer_examples",
+    "hf_examples",
 ]
 
 #: Date given to chat templates that print one (the Llama 3.x templates' own fallback date).
@@ -465,14 +466,22 @@ def answer_examples(
     parsed = [r if isinstance(r, OpenRow) else None for r in rows]
     if any(p is None for p in parsed):
         parsed = rows_from_dicts([dict(r.raw if hasattr(r, "raw") else r) for r in rows], fmt="open")
+    return hf_examples(encoder, parsed)
+
+
+def hf_examples(encoder: Any, rows: Sequence[MCRow | OpenRow]) -> list[dict[str, list[int]]]:
+    """Questions with their answers as Hugging Face causal-LM examples whose loss is cnl's: ``input_ids`` = the
+    prompt then the answer (a multiple-choice answer's letter token; an open-ended answer's tokens, and the end
+    of the turn when the encoder counts it), ``labels`` = -100 on the prompt."""
     out = []
-    for row in parsed:
-        e = encode_open(encoder, row)
+    for row in rows:
+        e = encoder.encode(row)
+        answer = list(e.loss_ids) if isinstance(row, OpenRow) else [e.target]
         out.append(
             {
-                "input_ids": [*e.input_ids, *e.loss_ids],
-                "attention_mask": [1] * (len(e.input_ids) + len(e.loss_ids)),
-                "labels": [-100] * len(e.input_ids) + list(e.loss_ids),
+                "input_ids": [*e.input_ids, *answer],
+                "attention_mask": [1] * (len(e.input_ids) + len(answer)),
+                "labels": [-100] * len(e.input_ids) + answer,
             }
         )
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import DataConfig
@@ -11,10 +11,14 @@ from .data import DataError, check_regular_file
 from .errors import ConfigError
 from .split import read_split_manifest
 
-__all__ = ["SETTINGS", "SetRoles", "resolve_set_files", "roles_for"]
+__all__ = ["SETTINGS", "REFERENCE", "SetRoles", "resolve_set_files", "roles_for", "with_reference"]
 
 #: The settings of SPEC §4 (``replay`` belongs to the replay method).
 SETTINGS = ("in-set", "ood-correct", "ood-wrong", "replay")
+
+#: The set name of a reference given by ``--reference`` (a file, or the model's own answers) rather than by the
+#: setting: it is never read from ``--split`` or the set flags.
+REFERENCE = "reference"
 
 # set name -> DataConfig field / split.json part
 _PARTS = {
@@ -100,6 +104,22 @@ def roles_for(setting: str, uses_reference: bool) -> SetRoles:
     raise ConfigError(f"unknown setting {setting!r} (choose from {', '.join(SETTINGS)})")
 
 
+def with_reference(roles: SetRoles, kind: str, method: str) -> SetRoles:
+    """The roles when ``--reference`` is not the setting's own set (``kind`` ``file`` or ``self``): the reference
+    role is the :data:`REFERENCE` set; replay trains on it beside the injection set (its buffer) and counts
+    forgetting on the whole M. A method without a reference has nothing it could protect with it."""
+    if kind == "mastered":
+        return roles
+    if roles.setting == "replay":
+        return replace(roles, train=(roles.train[0], REFERENCE), forget="mastered", forget_column="correct_to_wrong")
+    if roles.reference is None:
+        raise ConfigError(
+            f"--method {method} protects no reference set, so --reference does not apply to it "
+            "(it does to cnl, agem, ewc and replay)"
+        )
+    return replace(roles, reference=REFERENCE)
+
+
 def resolve_set_files(data: DataConfig, roles: SetRoles, optional: Sequence[str] = ()) -> dict[str, Path]:
     """Paths of every set the roles need, from ``--split DIR`` or the explicit file flags; the sets named in
     ``optional`` may be left out (they are then absent from the result).
@@ -119,7 +139,7 @@ def resolve_set_files(data: DataConfig, roles: SetRoles, optional: Sequence[str]
             raise ConfigError("no data: give --split DIR (from 'cnl split') or --mastered FILE --injection FILE")
         paths = {name: Path(v) for name, v in given.items() if v is not None}
         origin = "the command line"
-    needed = [n for n in roles.needed() if n in paths or n not in optional]
+    needed = [n for n in roles.needed() if n != REFERENCE and (n in paths or n not in optional)]
     missing = [n for n in needed if n not in paths]
     if missing:
         flags = " ".join(f"--{n} FILE" for n in missing)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import math
 import random
@@ -51,11 +52,13 @@ from .scoring import (
     Predictions,
     PromptEncoder,
     batch_losses,
+    hf_examples,
     mc_batches,
     predict,
     spec_loss,
 )
-from .sets import SetRoles, resolve_set_files, roles_for
+from .selfref import parse_reference
+from .sets import REFERENCE, SetRoles, resolve_set_files, roles_for, with_reference
 
 __all__ = [
     "TrainingError",
@@ -88,6 +91,7 @@ RESUMABLE_CHANGES = (
     "sign_storage",
     "update_in_backward",
     "fused_update",
+    "report_to",
 )
 
 
@@ -120,10 +124,12 @@ class RoundLink:
     carried: dict[str, Any] | None = None
 
 
-def summary_columns(roles: SetRoles, general: bool = False, phrasings: Sequence[str] = ()) -> list[str]:
-    """SPEC's columns for the setting, then masked fraction, general accuracy (with ``--general``), the
-    learned and forgotten counts under each other phrasing (``--eval-templates``: ``wrong_to_correct@name``)
-    and seconds per phase."""
+def summary_columns(
+    roles: SetRoles, general: bool = False, phrasings: Sequence[str] = (), kl: bool = False
+) -> list[str]:
+    """SPEC's columns for the setting, then masked fraction, general accuracy (with ``--general``), the KL drift
+    from the start (with ``--probe``), the learned and forgotten counts under each other phrasing
+    (``--eval-templates``: ``wrong_to_correct@name``) and seconds per phase."""
     return [
         "epoch",
         "train_avg_loss",
@@ -131,6 +137,7 @@ def summary_columns(roles: SetRoles, general: bool = False, phrasings: Sequence[
         roles.forget_column,
         "masked_fraction",
         *(["general_accuracy"] if general else []),
+        *(["kl_drift"] if kl else []),
         *(c for p in phrasings for c in (f"{roles.learn_column}@{p}", f"{roles.forget_column}@{p}")),
         "reference_seconds",
         "train_seconds",
@@ -176,7 +183,10 @@ def train(
         _before_training(run, progress)
         meter = PeakMemory(next(run.model.parameters()).device)
         meter.reset()  # from here on: what training needs, not the loading of the full weights
+        watch = None
         try:
+            watch = Watch(run, progress)
+            watch.begin()
             with run.optimizer.in_backward(run.in_backward):
                 for epoch in range(len(run.rows) + 1, cfg.epochs + 1):
                     t_epoch = time.perf_counter()
@@ -195,9 +205,11 @@ def train(
                         lines=[r.line for r in run.train_rows],
                         where=f"epoch {epoch}",
                         progress=progress,
+                        on_step=functools.partial(watch.step, epoch),
                     )
                     _check_finite(run, epoch)
-                    t_train = time.perf_counter() - t0
+                    t_watch = watch.pop_seconds()  # the probe's KL and the sample counts are evaluation
+                    t_train = time.perf_counter() - t0 - t_watch
                     t0 = time.perf_counter()
                     preds = evaluate(
                         run.model,
@@ -205,13 +217,17 @@ def train(
                         desc=f"epoch {epoch} eval",
                         **_eval_settings(run, progress),
                     )
-                    t_eval = time.perf_counter() - t0
+                    t_eval = time.perf_counter() - t0 + t_watch
                     seconds = {"reference": t_ref, "train": t_train, "eval": t_eval}
                     run.info["peak_memory_bytes"] = dist.gather(meter.peak())
-                    record(run, epoch, loss, masked, preds, seconds, time.perf_counter() - t_epoch)
+                    row = record(run, epoch, loss, masked, preds, seconds, time.perf_counter() - t_epoch, watch.kl)
+                    watch.epoch_end(row)
             _finish(run)
         except BaseException as e:
             _fail(run, e)
+        finally:
+            if watch is not None:
+                watch.close()
     return run.rows
 
 
@@ -322,6 +338,10 @@ class RunPlan:
     link: RoundLink | None = None
     #: The summary of a finished run that needs no more epochs (None: there is work to do).
     finished_rows: list[dict[str, Any]] | None = None
+    #: ``--reference self:...``: the prompts the model answers at its start weights (None: another reference).
+    self_prompts: list[Any] | None = None
+    #: ``--probe``: the rows whose answer distributions the KL drift compares (None: no probe).
+    probe_rows: list[Any] | None = None
 
 
 def plan_run(
@@ -346,15 +366,37 @@ def plan_run(
             raise ConfigError("--ref-chunks splits the parameters of one process; with several processes use 1")
     elif cfg.cpu_offload:
         raise ConfigError("--cpu-offload is FSDP2's CPU offload: it needs several processes (torchrun)")
-    roles = roles_for(method.resolve_setting(cfg.setting), method.uses_reference)
-    # Plain fine-tuning in-set may be given no mastered set (teaching a model facts it lacks, say): forgetting
-    # is then counted on an empty set.
-    optional = (roles.forget,) if roles.setting == "in-set" and roles.reference is None else ()
+    ref = parse_reference(cfg.reference)
+    roles = with_reference(roles_for(method.resolve_setting(cfg.setting), method.uses_reference), ref.kind, method.name)
+    if cfg.report_to != "none":
+        from .tracking import check_available
+
+        check_available(cfg.report_to)
+    if dist.enabled and (cfg.probe or cfg.eval_every or ref.kind == "self"):
+        raise ConfigError(
+            "--probe, --eval-every and --reference self:... run in one process for now; drop them under torchrun"
+        )
+    # Plain fine-tuning in-set may be given no mastered set (teaching a model facts it lacks, say), nor need a
+    # method whose reference is not M: forgetting is then counted on an empty set.
+    measured_only = (roles.setting == "in-set" and roles.reference is None) or (
+        ref.kind != "mastered" and roles.setting in ("in-set", "replay")
+    )
+    optional = (roles.forget,) if measured_only else ()
     files = resolve_set_files(data, roles, optional)
     sets = {name: read_jsonl(path, fmt=data.format, allow_empty=True) for name, path in files.items()}
-    none_given = [n for n in roles.needed() if n not in files]
+    none_given = [n for n in roles.needed() if n not in files and n != REFERENCE]
     for name in none_given:
         sets[name] = []
+    self_prompts = None
+    if ref.kind == "file":
+        files = {**files, REFERENCE: ref.path}
+        sets[REFERENCE] = read_jsonl(ref.path, fmt="auto")
+    elif ref.kind == "self":
+        from .data import rows_format
+        from .selfref import self_prompts as read_self_prompts
+
+        self_prompts, source = read_self_prompts(ref, rows_format(sets[roles.train[0]]))
+        sets[REFERENCE] = []  # the model's answers, once it is loaded (load)
     general_tag = None
     if data.general:
         from .data import resolve_general
@@ -375,7 +417,14 @@ def plan_run(
             for name in (roles.learn, roles.forget):
                 sets[f"{name}@{p.name}"] = rephrase(sets[name], p, str(files.get(name, name)))
             phrasings.append(p.name)
-    _check_sets_not_empty(method, roles, sets, {k: str(v) for k, v in files.items()}, cfg.batch_size * dist.world)
+    _check_sets_not_empty(
+        method, roles, sets, {k: str(v) for k, v in files.items()}, cfg.batch_size * dist.world, later=self_prompts
+    )
+    probe = None
+    if cfg.probe:
+        from .drift import parse_probe, probe_rows
+
+        probe = probe_rows(parse_probe(cfg.probe), {k: v for k, v in sets.items() if k != REFERENCE or v})
 
     from .models import resolve_device, resolve_dtype
 
@@ -393,6 +442,11 @@ def plan_run(
     set_info = {name: RunDir.describe_set(path, len(sets[name])) for name, path in files.items()}
     for name in none_given:
         set_info[name] = {"file": None, "sha256": None, "count": 0}
+    if self_prompts is not None:
+        # the answers are generated at the start weights; resuming reads them back (reference.jsonl)
+        set_info[REFERENCE] = {"spec": ref.text, "source": source, "prompts": len(self_prompts)}
+    if probe is not None:
+        set_info["probe"] = {"spec": cfg.probe, "source": probe[1], "count": len(probe[0])}
     if general_tag is not None:
         set_info[GENERAL] = {"spec": data.general, "tag": general_tag, "count": len(sets[GENERAL])}
     if phrasings:
@@ -404,6 +458,8 @@ def plan_run(
     plan = RunPlan(cfg, method, roles, rundir, sets, set_info, resolved, resume, data.skip_long_prompts, dist)
     plan.phrasings = phrasings
     plan.link = link
+    plan.self_prompts = self_prompts
+    plan.probe_rows = probe[0] if probe is not None else None
     if rundir.exists():
         previous = rundir.read_info()
         if resume and previous.get("world_size", 1) != dist.world:
@@ -440,15 +496,21 @@ def plan_run(
 
 
 def _check_sets_not_empty(
-    method: Method, roles: SetRoles, sets: dict[str, list[MCRow]], files: dict[str, str], batch: int = 1
+    method: Method,
+    roles: SetRoles,
+    sets: dict[str, list[MCRow]],
+    files: dict[str, str],
+    batch: int = 1,
+    later: Any = None,
 ) -> None:
-    if roles.reference is not None and not sets[roles.reference]:
+    """Refuse an empty reference or training set (``later``: the reference is made once the model loads)."""
+    if roles.reference is not None and not sets[roles.reference] and later is None:
         raise ConfigError(
-            f"the reference set {roles.reference} ({files[roles.reference]}) is empty: {method.name} needs "
-            "mastered questions for its reference gradient (the model answered none of them correctly)"
+            f"the reference set {roles.reference} ({files.get(roles.reference, 'the model')}) is empty: {method.name} "
+            "needs questions for its reference gradient (mastered: the model answered none of them correctly)"
         )
     for name in roles.train:
-        if not sets[name]:
+        if not sets[name] and not (name == REFERENCE and later is not None):
             raise ConfigError(f"the training set {name} ({files[name]}) is empty: nothing to inject")
     n_train = sum(len(sets[name]) for name in roles.train)
     if batch > n_train:
@@ -555,6 +617,8 @@ class Run:
     rows: list[dict[str, Any]]
     info: dict[str, Any]
     say: Callable[[str], None]
+    #: ``--probe``: the start's answer distributions (None: no probe).
+    probe: Any = None
 
     @property
     def cfg(self) -> TrainConfig:
@@ -672,6 +736,15 @@ def load(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     loaded = _load_model(plan, model_cfg, model, tokenizer, say)
+    # what needs the start weights comes before the method wraps the model and a checkpoint is restored
+    encoder = PromptEncoder(loaded.tokenizer, style=model_cfg.prompt_style, answer_loss_end=cfg.answer_loss_end)
+    if plan.self_prompts is not None:
+        _answer_self_prompts(plan, loaded, encoder, say)
+    probe = None
+    if plan.probe_rows is not None:
+        from .drift import DriftProbe
+
+        probe = DriftProbe(loaded.model, hf_examples(encoder, plan.probe_rows), batch_size=cfg.eval_batch_size)
     model = plan.method.prepare_model(loaded.model, cfg)
     if plan.dist.enabled:
         from .distributed import shard
@@ -695,12 +768,14 @@ def load(
         if rows:
             say(f"resuming after epoch {len(rows)}")
     info = _start_run_json(plan, loaded, model_tag, optimizer, rows)
+    if plan.self_prompts is not None and plan.dist.is_main and not plan.rundir.reference_file.exists():
+        plan.rundir.write_reference(plan.sets[REFERENCE])
     n_params = sum(local(p).numel() for _, p in optimizer.named_parameters()) * plan.dist.world
     n_forget = len(sets[roles.forget]) if plan.set_info[roles.forget]["file"] else "none given"
     say(
         f"{cfg.method}/{cfg.optimizer} {roles.setting}: train on {'+'.join(roles.train)} ({len(pool_enc)}), "
         f"learning on {roles.learn} ({len(sets[roles.learn])}), forgetting on {roles.forget} "
-        f"({n_forget}), reference {roles.reference or '-'}, lr {cfg.lr:g}, "
+        f"({n_forget}), reference {_reference_text(plan)}, lr {cfg.lr:g}, "
         f"{n_params / 1e6:.2f}M trainable parameters"
     )
     return Run(
@@ -715,7 +790,52 @@ def load(
         rows=rows,
         info=info,
         say=say,
+        probe=probe,
     )
+
+
+def _reference_text(plan: RunPlan) -> str:
+    """What the run protects, for its first log line: the setting's set by name, or ``--reference``'s source."""
+    name = plan.roles.reference
+    if name is None:
+        return "-"
+    if name != REFERENCE:
+        return name
+    return f"{plan.cfg.reference} ({len(plan.sets[REFERENCE])})"
+
+
+def _answer_self_prompts(plan: RunPlan, loaded: Loaded, encoder: PromptEncoder, say: Callable[[str], None]) -> None:
+    """``--reference self:...``: the model's own answers to the prompts become the reference set (read back from
+    the run directory when resuming: they were given by the start weights, which a checkpoint has replaced)."""
+    from .data import rows_digest
+    from .selfref import answer_self
+
+    info = plan.set_info[REFERENCE]
+    saved = plan.rundir.reference_file
+    if plan.resume and saved.exists():
+        rows = read_jsonl(saved)
+        recorded = (plan.rundir.read_info().get("sets") or {}).get(REFERENCE) or {}
+        if recorded.get("answers_sha256") != rows_digest(rows):
+            raise RunDirError(
+                f"{saved}: not the answers this run recorded (run.json's answers_sha256); delete it to have the start "
+                "weights answer again"
+            )
+        say(f"reference: the model's own answers to {len(rows)} prompts of {info['source']} (from {saved.name})")
+    else:
+        t0 = time.perf_counter()
+        rows, dropped = answer_self(
+            loaded.model, encoder, plan.self_prompts, batch_size=plan.cfg.eval_batch_size, progress=False
+        )
+        gone = f", {dropped} answered with nothing left out" if dropped else ""
+        say(
+            f"reference: the model's own answers to {len(plan.self_prompts)} prompts of {info['source']}{gone} "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
+    if not rows:
+        raise ConfigError(f"--reference {info['spec']}: the model answered none of the prompts; nothing to protect")
+    plan.sets[REFERENCE] = rows
+    loaded.sets.encoded[REFERENCE] = encoder.encode_all(rows)
+    info.update(count=len(rows), answers_sha256=rows_digest(rows), file=str(plan.rundir.reference_file.resolve()))
 
 
 def _load_model(
@@ -769,7 +889,7 @@ def _start_run_json(
     model_source = loaded.path_or_id if loaded.source is not None else plan.resolved["model"].get("model")
     if model_source is not None and Path(model_source).exists():
         model_source = str(Path(model_source).resolve())  # analyses find the base model from anywhere
-    columns = summary_columns(roles, GENERAL in sets, plan.phrasings)
+    columns = summary_columns(roles, GENERAL in sets, plan.phrasings, plan.probe_rows is not None)
     info: dict[str, Any] = {
         "method": cfg.method,
         "optimizer": cfg.optimizer,
@@ -910,6 +1030,7 @@ def train_epoch(
     lines: Sequence[int] | None = None,
     where: str = "",
     progress: bool | None = None,
+    on_step: Callable[[int, int, float, float], None] | None = None,
 ) -> tuple[float, float]:
     """One update per batch, in order (SPEC §4 step 2: batch size 1); ``(mean loss, masked fraction)``.
 
@@ -921,6 +1042,8 @@ def train_epoch(
     (:meth:`MaskedOptimizer.in_backward`) and update each parameter during the backward pass; otherwise
     the optimizer steps after it. A non-finite loss stops with the question's file line (``lines``)
     before its update. The masked fraction is the share of the epoch's element-updates left frozen.
+    ``on_step(i, steps, loss, masked)`` is called after each step's update (i from 1; the step's mean loss and
+    masked fraction, over every process).
     """
     model.train()
     loss_sum = 0.0
@@ -934,6 +1057,7 @@ def train_epoch(
         if (r := range(start + dist.rank * batch_size, min(start + (dist.rank + 1) * batch_size, start + count)))
     ]
     bar = tqdm(total=n, desc=f"{where} train".strip(), unit="q", disable=(progress is False) or None, leave=False)
+    frozen_total = elements_total = 0
     with sparse_embedding_grads(model, sparse_embedding and not dist.enabled):
         for i, idx in dist.lockstep(mine):
             start, count = steps[i]
@@ -950,9 +1074,14 @@ def train_epoch(
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += sum(losses)
             bar.update(count)
+            if on_step is not None:
+                frozen, elements = optimizer.pop_counts()
+                frozen, elements, step_loss = dist.sum(frozen), dist.sum(elements), dist.sum(sum(losses))
+                frozen_total, elements_total = frozen_total + frozen, elements_total + elements
+                on_step(i + 1, len(steps), step_loss / count, frozen / elements if elements else 0.0)
     bar.close()
     frozen, elements = optimizer.pop_counts()
-    frozen, elements = dist.sum(frozen), dist.sum(elements)
+    frozen, elements = dist.sum(frozen) + frozen_total, dist.sum(elements) + elements_total
     return dist.sum(loss_sum) / n, (frozen / elements if elements else 0.0)
 
 
@@ -1008,8 +1137,10 @@ def record(
     preds: dict[str, Predictions],
     seconds: dict[str, float],
     epoch_seconds: float,
+    kl: float | None = None,
 ) -> dict[str, Any]:
-    """Write the epoch's predictions, summary row and run.json, then its checkpoint; return the row.
+    """Write the epoch's predictions, summary row and run.json, then its checkpoint; return the row (``kl``:
+    the probe's KL drift at the epoch's end).
 
     Results come first: when the disk fills up while the (much larger) checkpoint is written, the
     epoch's results are kept and the previous checkpoint stays valid, so ``--resume`` recomputes only
@@ -1025,6 +1156,7 @@ def record(
         roles.forget_column: forgotten,
         "masked_fraction": round(masked_fraction, 6),
         **({"general_accuracy": round(preds[GENERAL].n_correct / len(sets[GENERAL]), 6)} if GENERAL in preds else {}),
+        **({"kl_drift": round(kl, 8)} if kl is not None else {}),
         **{
             column: count
             for p in run.plan.phrasings
@@ -1066,10 +1198,118 @@ def record(
         f"learned {learned}/{len(sets[roles.learn])}  forgotten {forgotten}/{len(sets[roles.forget])}  "
         f"masked {masked_fraction:.1%}  "
         + (f"general {row['general_accuracy']:.1%}  " if "general_accuracy" in row else "")
+        + (f"kl {row['kl_drift']:.4f}  " if "kl_drift" in row else "")
         + f"ref {seconds['reference']:.1f}s train {seconds['train']:.1f}s "
         f"eval {seconds['eval']:.1f}s"
     )
     return row
+
+
+# ================================================================================== watching it happen
+def step_columns(cfg: TrainConfig) -> list[str]:
+    """``steps.csv``'s columns: per optimizer step the loss, masked fraction and learning rate; at evaluation
+    steps (every ``--eval-every`` and each epoch's last) the probe's KL and the sample counts."""
+    return [
+        "step",
+        "epoch",
+        "loss",
+        "masked_fraction",
+        "lr",
+        *(["kl_drift"] if cfg.probe else []),
+        *(["learned_sample", "forgotten_sample"] if cfg.eval_sample else []),
+    ]
+
+
+class Watch:
+    """What is watched while a run trains: ``steps.csv`` (one row per optimizer step), the KL drift of
+    ``--probe`` and the learned/forgotten counts on ``--eval-sample`` questions (every ``--eval-every`` steps and
+    at each epoch's end), and the ``--report-to`` tracker."""
+
+    def __init__(self, run: Run, progress: bool | None) -> None:
+        cfg = run.cfg
+        self.run, self.progress = run, progress
+        self.every = cfg.eval_every
+        self.columns = step_columns(cfg)
+        self.per_epoch = math.ceil(len(run.train_enc) / (cfg.batch_size * run.dist.world))
+        self.kl: float | None = None
+        self._seconds = 0.0
+        self.samples: dict[str, list[Any]] = {}
+        if cfg.eval_sample:
+            rng = random.Random(cfg.seed)
+            for role, name in (("learn", run.roles.learn), ("forget", run.roles.forget)):
+                enc = run.encoded[name]
+                keep = sorted(rng.sample(range(len(enc)), min(cfg.eval_sample, len(enc))))
+                self.samples[role] = [enc[i] for i in keep]
+            run.info["eval_sample"] = {role: len(v) for role, v in self.samples.items()}
+        from .tracking import Tracker, open_tracker
+
+        main = run.dist.is_main
+        resume_step = len(run.rows) * self.per_epoch + 1 if run.rows else None
+        self.tracker = (
+            open_tracker(cfg.report_to, run.rundir.root, run.plan.resolved, resume_step=resume_step)
+            if main
+            else Tracker()
+        )
+        if main:
+            run.rundir.start_steps(self.columns, len(run.rows))
+
+    def begin(self) -> None:
+        """A fresh run's step 0 (with ``--eval-every``): the KL (0) and the counts before any update."""
+        if self.every and not self.run.rows:
+            self._write({"step": 0, "epoch": 0, **self.measure()})
+
+    def step(self, epoch: int, i: int, steps: int, loss: float, masked: float) -> None:
+        """After the update of step ``i`` (of ``steps``) of ``epoch``."""
+        g = (epoch - 1) * self.per_epoch + i
+        lr = self.run.optimizer.param_groups[0]["lr"]
+        row = {"step": g, "epoch": epoch, "loss": round(loss, 6), "masked_fraction": round(masked, 6), "lr": lr}
+        self.tracker.log({"train/loss": loss, "train/masked_fraction": masked, "train/lr": lr}, g)
+        if (self.every and g % self.every == 0) or i == steps:
+            row.update(self.measure())
+            if i == steps:
+                self.kl = row.get("kl_drift")
+        self._write(row)
+
+    def measure(self) -> dict[str, Any]:
+        """The KL drift of the probe and the counts on the samples, now (their time counts as evaluation)."""
+        run, out = self.run, {}
+        t0 = time.perf_counter()
+        if run.probe is not None:
+            out["kl_drift"] = round(run.probe.kl(run.model), 8)
+        if self.samples:
+            preds = evaluate(run.model, self.samples, desc="sample", **_eval_settings(run, False))
+            out["learned_sample"] = preds["learn"].n_correct
+            out["forgotten_sample"] = len(self.samples["forget"]) - preds["forget"].n_correct
+        self._seconds += time.perf_counter() - t0
+        return out
+
+    def pop_seconds(self) -> float:
+        """Seconds spent measuring since the previous call."""
+        s, self._seconds = self._seconds, 0.0
+        return s
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        """The epoch's summary row to the tracker (counts, KL, general accuracy, loss, masked fraction)."""
+        roles = self.run.roles
+        values = {
+            "epoch/learned": row[roles.learn_column],
+            "epoch/forgotten": row[roles.forget_column],
+            "epoch/train_avg_loss": row["train_avg_loss"],
+            "epoch/masked_fraction": row["masked_fraction"],
+            **{f"epoch/{k}": row[k] for k in ("kl_drift", "general_accuracy") if k in row},
+        }
+        self.tracker.log(values, row["epoch"] * self.per_epoch)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if not self.run.dist.is_main:
+            return
+        self.run.rundir.append_step(self.columns, row)
+        measured = {f"steps/{k}": row[k] for k in ("kl_drift", "learned_sample", "forgotten_sample") if k in row}
+        if measured:
+            self.tracker.log(measured, row["step"])
+
+    def close(self) -> None:
+        self.tracker.close()
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ def test_diagonal_fisher_is_the_mean_of_squared_per_question_gradients(sets: dic
         model=model, params=params, encoded={"mastered": questions}, roles=SimpleNamespace(reference="mastered"),
         dist=SINGLE, pad_id=pad,
     )  # fmt: skip
-    ctx.example_gradients = lambda: T.Run.example_gradients(ctx)  # type: ignore[arg-type]
+    ctx.example_gradients = lambda which="reference": T.Run.example_gradients(ctx, which)  # type: ignore[arg-type]
     model.train()
     fisher = diagonal_fisher(ctx)  # type: ignore[arg-type]
     assert model.training  # the mode is restored

@@ -115,6 +115,10 @@ def check_common_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"reference_sample must be >= 0 (0: the whole reference set), got {cfg.reference_sample}")
     from ..answers import SCORES
     from ..mask import SIGN_STORAGES
+    from ..selfref import parse_reference
+
+    parse_reference(cfg.reference)
+    check_monitoring_options(cfg)
 
     if cfg.score not in SCORES:
         raise ConfigError(f"unknown score {cfg.score!r} (choose from {', '.join(SCORES)})")
@@ -122,6 +126,29 @@ def check_common_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.sign_storage not in SIGN_STORAGES:
         raise ConfigError(f"sign_storage must be one of {', '.join(SIGN_STORAGES)}, got {cfg.sign_storage!r}")
+
+
+#: Where ``--report-to`` sends training curves.
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def check_monitoring_options(cfg: TrainConfig) -> None:
+    """``--probe``, ``--eval-every``, ``--eval-sample`` and ``--report-to`` (what is watched while training)."""
+    if cfg.eval_every < 0 or cfg.eval_sample < 0:
+        raise ConfigError(f"eval_every and eval_sample must be >= 0, got {cfg.eval_every} and {cfg.eval_sample}")
+    if cfg.eval_every and not (cfg.probe or cfg.eval_sample):
+        raise ConfigError(
+            "--eval-every K logs the KL of --probe and the counts on --eval-sample questions every K steps: "
+            "give at least one of them"
+        )
+    if cfg.eval_sample and not cfg.eval_every:
+        raise ConfigError("--eval-sample N counts every --eval-every K steps: give --eval-every too")
+    if cfg.probe is not None:
+        from ..drift import parse_probe
+
+        parse_probe(cfg.probe)
+    if cfg.report_to not in REPORT_TO:
+        raise ConfigError(f"unknown --report-to {cfg.report_to!r} (choose from {', '.join(REPORT_TO)})")
 
 
 class Method:
@@ -154,6 +181,11 @@ class Method:
     @property
     def supports_sharding(self) -> bool:
         return self.sharding_refusal is None
+
+    @property
+    def accepts_reference(self) -> bool:
+        """Whether ``--reference`` applies: the method protects a set (its reference; replay: its buffer)."""
+        return self.uses_reference or self.fixed_setting == "replay"
 
     # ------------------------------------------------------------------ options and validation
     def options(self, cfg: TrainConfig) -> Any:
