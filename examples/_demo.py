@@ -105,7 +105,7 @@ def parse_args(description: str) -> argparse.Namespace:
         "--self-prompts", default="mmlu:50", metavar="SET:N", help="the prompts of --reference self (default mmlu:50)"
     )
     parser.add_argument(
-        "--general", default=None, metavar="SET:N", help="also print the accuracy on a general set, e.g. arc_e:200"
+        "--general", default=None, metavar="SET:N", help="also print the accuracy on a general set, e.g. csqa:200"
     )
     args = parser.parse_args()
     if args.no_cnl:

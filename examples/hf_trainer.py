@@ -39,7 +39,7 @@ def main() -> None:
         if args.reference == "mastered":
             cnl.protect(trainer, [as_example(q) for q in demo.mastered])  # reference recomputed every epoch
         elif args.reference == "self":  # no labelled M: keep the model's present answers to general questions
-            cnl.protect(trainer, "self", prompts=demo.self_prompts())
+            cnl.protect(trainer, "self", prompts=demo.self_prompts(), tokenizer=tokenizer)
         trainer.train()
     demo.report_trainer(trainer)
 

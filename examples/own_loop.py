@@ -44,7 +44,7 @@ def main() -> None:
             optimizer.step()  # conflicting elements stay where they are; the others move as AdamW moves them
             optimizer.zero_grad()
             total += loss.item()
-        frozen = optimizer.pop_masked_fraction()  # share of element updates the mask froze this epoch
+        frozen = optimizer.pop_masked_fraction() if protected is not None else None  # share the mask froze this epoch
         if frozen is not None:
             fractions.append(frozen)
         masked = f", masked {frozen:.0%} of the updates" if frozen is not None else ""

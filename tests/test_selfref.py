@@ -255,6 +255,12 @@ def test_protect_self_uses_the_models_own_answers_with_answer_only_labels(tiny: 
         assert e["labels"][n_prompt:] == e["input_ids"][n_prompt:] and n_prompt < len(e["input_ids"])
     with pytest.raises(ValueError, match="prompts"):
         cnl.protect(Trainer(model=model, args=args, train_dataset=[{"input_ids": [1]}]), "self")
+    bare = Trainer(model=model, args=args, train_dataset=[{"input_ids": [1]}])  # no processing_class
+    with pytest.raises(ValueError, match="tokenizer"):
+        cnl.protect(bare, "self", prompts=prompts)
+    assert (
+        cnl.protect(bare, "self", prompts=prompts, tokenizer=tok, max_new_tokens=6).reference_data == cb.reference_data
+    )
 
 
 def test_rows_from_dicts_answers_roundtrip(tiny: tuple[Any, Any], files: dict[str, Path]) -> None:

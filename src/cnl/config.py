@@ -323,7 +323,7 @@ class TrainConfig:
     reference: str = "mastered"
     """What cnl (and agem, ewc, replay) protect: mastered (the setting's own set, SPEC), a set FILE in either
     format, or self:N[:SOURCE]: the model's own greedy answers, before training, to N prompts of SOURCE (a named
-    offline set, mmlu, arc_e, nq-open, ...: its questions only; or a JSONL file of prompts; default mmlu for
+    offline set, mmlu, csqa, nq-open, ...: its questions only; or a JSONL file of prompts; default mmlu for
     multiple-choice runs, nq-open for open-ended ones). With a reference other than M, the mastered set is only
     measured (and may be left out)."""
     probe: str | None = None

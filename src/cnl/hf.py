@@ -242,14 +242,21 @@ def _needs_tokenizing(data: Any) -> bool:
 
 
 def protect(
-    trainer: Any, reference_data: Any, *, prompts: Any = None, max_new_tokens: int | None = None, **kwargs: Any
+    trainer: Any,
+    reference_data: Any,
+    *,
+    prompts: Any = None,
+    max_new_tokens: int | None = None,
+    tokenizer: Any = None,
+    **kwargs: Any,
 ) -> CNLCallback:
     """Protect ``reference_data`` during ``trainer.train()``: add a :class:`CNLCallback` and return it.
 
     ``reference_data="self"`` protects the model's own present answers to ``prompts`` (strings, or questions
     as :func:`cnl.self_reference` takes them), generated now by ``trainer.model`` with ``trainer.processing_class``
-    (greedy, at most ``max_new_tokens`` tokens each): no labelled data is needed. Their loss is over the answers'
-    tokens only, collated by cnl (the Trainer's collator could recompute the labels over the prompt too).
+    (greedy, at most ``max_new_tokens`` tokens each; ``tokenizer=`` when the Trainer was given none): no labelled
+    data is needed. Their loss is over the answers' tokens only, collated by cnl (the Trainer's collator could
+    recompute the labels over the prompt too).
 
     The callback goes *first* in ``trainer.callback_handler.callbacks``: Trainer calls its callbacks in
     order with one ``logs`` dict, so ``cnl_masked_fraction``, added in ``on_log``, reaches the reporting
@@ -274,12 +281,18 @@ def protect(
         from .reference import _pad_collate
         from .selfref import SELF_MAX_NEW_TOKENS, self_reference
 
+        tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
+        if tokenizer is None:
+            raise ValueError(
+                "protect(trainer, 'self', ...) generates with the model's tokenizer: give the Trainer one "
+                "(processing_class=tokenizer) or pass tokenizer=tokenizer"
+            )
         reference_data = self_reference(
-            trainer.model, trainer.processing_class, prompts, max_new_tokens=max_new_tokens or SELF_MAX_NEW_TOKENS
+            trainer.model, tokenizer, prompts, max_new_tokens=max_new_tokens or SELF_MAX_NEW_TOKENS
         )
         kwargs.setdefault("collate_fn", _pad_collate)
-    elif prompts is not None:
-        raise ValueError("prompts= goes with protect(trainer, 'self', prompts=...)")
+    elif prompts is not None or tokenizer is not None:
+        raise ValueError("prompts= and tokenizer= go with protect(trainer, 'self', prompts=...)")
     if _needs_tokenizing(reference_data):
         prepare = getattr(trainer, "_prepare_dataset", None)  # TRL's SFTTrainer
         if prepare is None:
