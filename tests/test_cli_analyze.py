@@ -413,3 +413,25 @@ def test_compare_checks_every_run_before_training_any(
     assert code == 2 and "reference set mastered" in err and "is empty" in err
     assert (out / "split" / "split.json").is_file()
     assert not (out / "runs").exists()
+
+
+def test_compare_passes_reference_and_watching_to_its_runs(
+    tiny_qwen2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--reference self:...`` goes to the methods that protect a set (cnl), not to ft; ``--probe`` and
+    ``--eval-every`` to every run."""
+    data = write_jsonl(tmp_path / "q.jsonl", make_mc_rows(12))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": r["question"]} for r in make_mc_rows(4, seed=9)])
+    out = tmp_path / "out"
+    argv = ["compare", "--model", str(tiny_qwen2_dir), "--dataset", str(data), "--out", str(out), "--epochs", "1"]
+    argv += ["--reference", f"self:3:{prompts}", "--probe", "injection:3", "--eval-every", "2"]
+    assert run_cli(argv) == 0, capsys.readouterr().err
+    ft = json.loads((out / "runs" / "ft-sgd" / "run.json").read_text())
+    cn = json.loads((out / "runs" / "cnl-sgd" / "run.json").read_text())
+    assert ft["config"]["train"]["reference"] == "mastered" and ft["roles"]["reference"] is None
+    assert cn["config"]["train"]["reference"] == f"self:3:{prompts}" and cn["sets"]["reference"]["count"] == 3
+    assert (out / "runs" / "cnl-sgd" / "reference.jsonl").is_file()
+    for run in ("ft-sgd", "cnl-sgd"):
+        assert "kl_drift" in _csv(out / "runs" / run / "summary.csv")[0]
+        assert (out / "runs" / run / "steps.csv").is_file()
+    assert (out / "report" / "steps.png").is_file()
