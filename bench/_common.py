@@ -18,6 +18,7 @@ cnl's side calls the training loop's own phase functions (:mod:`cnl.train`), so 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -213,6 +214,22 @@ def cnl_reference(
     return sign_reference(model, ref_set, params, batch_size=batch_size, storage=storage, chunks=chunks, progress=False)
 
 
+def step_logger(folder: str | Path) -> Any:
+    """What ``cnl train``'s loop does after every update besides the update (its ``Watch`` without probes): one
+    ``steps.csv`` row (step, loss, masked fraction, learning rate), so the engine is timed as it runs."""
+    from cnl.rundir import RunDir
+
+    rundir, columns, step = RunDir(folder), ["step", "epoch", "loss", "masked_fraction", "lr"], [0]
+    rundir.root.mkdir(parents=True, exist_ok=True)
+    rundir.start_steps(columns, 0)
+
+    def on_step(i: int, steps: int, loss: float, masked: float) -> None:
+        step[0] += 1
+        rundir.append_step(columns, {"step": step[0], "epoch": 1, "loss": loss, "masked_fraction": masked, "lr": 0})
+
+    return on_step
+
+
 def cnl_train(
     model: torch.nn.Module,
     train_set: Sequence[Encoded],
@@ -224,8 +241,8 @@ def cnl_train(
 ) -> float:
     opt = build_optimizer(model.named_parameters(), optimizer, lr, fused=fused)
     opt.reference = ref
-    with opt.in_backward():
-        loss, _ = train_epoch(model, train_set, opt, progress=False)
+    with tempfile.TemporaryDirectory() as steps, opt.in_backward():
+        loss, _ = train_epoch(model, train_set, opt, progress=False, on_step=step_logger(steps))
     return loss
 
 

@@ -94,10 +94,11 @@ def worker_updates(args: argparse.Namespace) -> dict:
 
                     up = build_optimizer(model.named_parameters(), optimizer, args.lr)
                     up.reference = ref
-                    with up.in_backward():
-                        train_epoch(model, i_enc[:warm], up, progress=False)
+                    with tempfile.TemporaryDirectory() as steps, up.in_backward():
+                        log = C.step_logger(steps)  # the loop's per-step steps.csv row is timed too
+                        train_epoch(model, i_enc[:warm], up, progress=False, on_step=log)
                         t0 = time.perf_counter()
-                        train_epoch(model, i_enc[warm:], up, progress=False)
+                        train_epoch(model, i_enc[warm:], up, progress=False, on_step=log)
                         dt = time.perf_counter() - t0
                 else:
                     g = gref if method == "cnl" else None
