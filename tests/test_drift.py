@@ -111,12 +111,22 @@ OPTIONS = {"method": "cnl", "optimizer": "sgd", "lr": 3e-2, "probe": "mastered:4
 
 
 def test_steps_csv_logs_every_step_and_measures_every_k_and_at_epoch_ends(
-    tiny: tuple[Any, Any], files: dict[str, Path], tmp_path: Path
+    tiny: tuple[Any, Any], files: dict[str, Path], tmp_path: Path, monkeypatch: Any
 ) -> None:
     model, tok = tiny
     out = tmp_path / "run"
+    sampled: list[int] = []
+    evaluate = T.evaluate
+
+    def counting(model: Any, sets: dict[str, Any], **kw: Any) -> Any:
+        if kw.get("desc") == "sample":
+            sampled.append(1)
+        return evaluate(model, sets, **kw)
+
+    monkeypatch.setattr(T, "evaluate", counting)
     rows = train_tiny(out, files, model=model, tokenizer=tok, epochs=2, **OPTIONS)
     steps = _steps(out)
+    assert len(sampled) == 6  # steps 0, 3, 6, 9, 12, 15: the epochs' last steps (8, 16) take the full evaluation's
     assert list(steps[0]) == [
         "step",
         "epoch",

@@ -15,7 +15,7 @@ from helpers import run_cli, train_tiny
 import cnl
 import cnl.train as T
 from cnl.config import DataConfig, ModelConfig
-from cnl.data import MCRow, OpenRow, read_jsonl, rows_from_dicts
+from cnl.data import DataError, MCRow, OpenRow, read_jsonl, rows_from_dicts
 from cnl.errors import ConfigError
 from cnl.resolve import train_config
 from cnl.scoring import PromptEncoder, predict
@@ -68,6 +68,9 @@ def test_read_prompts_takes_strings_objects_and_questions_and_names_bad_lines(tm
         p.write_text(text)
         with pytest.raises(Exception, match=where):
             read_prompts(p)
+    p.write_bytes(b'"a"\n"\xff"\n')  # the line reader read_jsonl uses: bad UTF-8 names its line too
+    with pytest.raises(DataError, match=r":2:.*not valid UTF-8"):
+        read_prompts(p)
     p.write_text("\n")
     with pytest.raises(Exception, match="no prompts"):
         read_prompts(p)

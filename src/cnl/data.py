@@ -21,7 +21,7 @@ import math
 import random
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "row_format",
     "rows_format",
     "read_jsonl",
+    "json_lines",
     "validate_open_row",
     "option_letters",
     "read_mc_jsonl",
@@ -240,6 +241,26 @@ def _check_unicode(value: Any, key: str, path: str | Path | None, line: int | No
             _check_unicode(v, f"{key}[{i}]", path, line)
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, JSON value)`` for each non-blank line of a JSONL file (a UTF-8 byte-order mark and CRLF
+    endings are fine); a line that is not UTF-8 or not JSON raises :class:`DataError` with the file and line."""
+    check_regular_file(path)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", path, lineno) from None
+        if not text.strip():
+            continue
+        try:
+            yield lineno, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", path, lineno) from None
+
+
 def read_jsonl(path: str | Path, *, fmt: str = "auto", allow_empty: bool = False) -> list[Any]:
     """Read and validate a whole JSONL file of questions: :class:`MCRow` or :class:`OpenRow`, one format.
 
@@ -252,24 +273,10 @@ def read_jsonl(path: str | Path, *, fmt: str = "auto", allow_empty: bool = False
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     p = Path(path)
-    check_regular_file(p)
-    data = p.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
     rows: list[Any] = []
     chosen = None if fmt == "auto" else fmt
     first_line = 0
-    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
-        try:
-            text = raw_line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", p, lineno) from None
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", p, lineno) from None
+    for lineno, obj in json_lines(p):
         kind = row_format(obj)
         if chosen is None:
             chosen, first_line = kind or "mcq", lineno

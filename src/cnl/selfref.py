@@ -19,7 +19,6 @@ from them equals the one ``cnl train`` builds on the same answers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .data import DataError, MCRow, OpenRow, check_regular_file, validate_row
+from .data import DataError, MCRow, OpenRow, json_lines, validate_row
 from .errors import ConfigError
 
 __all__ = [
@@ -103,15 +102,8 @@ def read_prompts(path: str | Path) -> list[MCRow | OpenRow]:
     ``question`` (or ``prompt``); an object with a ``label`` is a multiple-choice question (its options are
     checked; the label itself is not used). Any ``answer`` is ignored: the model answers. Errors name the line."""
     p = Path(path)
-    check_regular_file(p)
     rows: list[MCRow | OpenRow] = []
-    for lineno, raw in enumerate(p.read_text(encoding="utf-8-sig", errors="strict").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", p, lineno) from None
+    for lineno, obj in json_lines(p):
         if isinstance(obj, str):
             obj = {"question": obj}
         if not isinstance(obj, dict):

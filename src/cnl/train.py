@@ -221,7 +221,7 @@ def train(
                     seconds = {"reference": t_ref, "train": t_train, "eval": t_eval}
                     run.info["peak_memory_bytes"] = dist.gather(meter.peak())
                     row = record(run, epoch, loss, masked, preds, seconds, time.perf_counter() - t_epoch, watch.kl)
-                    watch.epoch_end(row)
+                    watch.epoch_end(row, preds)
             _finish(run)
         except BaseException as e:
             _fail(run, e)
@@ -1234,12 +1234,15 @@ class Watch:
         self.kl: float | None = None
         self._seconds = 0.0
         self.samples: dict[str, list[Any]] = {}
+        self.sample_index: dict[str, list[int]] = {}  # positions of the samples in their sets
+        self._last: dict[str, Any] | None = None  # the epoch's last step, completed by the full evaluation
         if cfg.eval_sample:
             rng = random.Random(cfg.seed)
             for role, name in (("learn", run.roles.learn), ("forget", run.roles.forget)):
                 enc = run.encoded[name]
                 keep = sorted(rng.sample(range(len(enc)), min(cfg.eval_sample, len(enc))))
                 self.samples[role] = [enc[i] for i in keep]
+                self.sample_index[role] = keep
             run.info["eval_sample"] = {role: len(v) for role, v in self.samples.items()}
         from .tracking import Tracker, open_tracker
 
@@ -1264,19 +1267,23 @@ class Watch:
         lr = self.run.optimizer.param_groups[0]["lr"]
         row = {"step": g, "epoch": epoch, "loss": round(loss, 6), "masked_fraction": round(masked, 6), "lr": lr}
         self.tracker.log({"train/loss": loss, "train/masked_fraction": masked, "train/lr": lr}, g)
-        if (self.every and g % self.every == 0) or i == steps:
+        if i == steps:  # the epoch's evaluation follows: its predictions give the sample counts
+            row.update(self.measure(samples=False))
+            self.kl = row.get("kl_drift")
+            self._last = row
+            return
+        if self.every and g % self.every == 0:
             row.update(self.measure())
-            if i == steps:
-                self.kl = row.get("kl_drift")
         self._write(row)
 
-    def measure(self) -> dict[str, Any]:
-        """The KL drift of the probe and the counts on the samples, now (their time counts as evaluation)."""
+    def measure(self, samples: bool = True) -> dict[str, Any]:
+        """The KL drift of the probe and (``samples``) the counts on the samples, now (their time counts as
+        evaluation)."""
         run, out = self.run, {}
         t0 = time.perf_counter()
         if run.probe is not None:
             out["kl_drift"] = round(run.probe.kl(run.model), 8)
-        if self.samples:
+        if samples and self.samples:
             preds = evaluate(run.model, self.samples, desc="sample", **_eval_settings(run, False))
             out["learned_sample"] = preds["learn"].n_correct
             out["forgotten_sample"] = len(self.samples["forget"]) - preds["forget"].n_correct
@@ -1288,9 +1295,17 @@ class Watch:
         s, self._seconds = self._seconds, 0.0
         return s
 
-    def epoch_end(self, row: dict[str, Any]) -> None:
-        """The epoch's summary row to the tracker (counts, KL, general accuracy, loss, masked fraction)."""
+    def epoch_end(self, row: dict[str, Any], preds: dict[str, Predictions]) -> None:
+        """Write the epoch's last step (its sample counts taken from the epoch's full predictions ``preds``, the
+        same questions at the same weights) and send the summary row to the tracker."""
         roles = self.run.roles
+        if self._last is not None:
+            if self.samples:
+                learn, forget = preds[roles.learn].correct, preds[roles.forget].correct
+                self._last["learned_sample"] = sum(bool(learn[i]) for i in self.sample_index["learn"])
+                self._last["forgotten_sample"] = sum(not forget[i] for i in self.sample_index["forget"])
+            self._write(self._last)
+            self._last = None
         values = {
             "epoch/learned": row[roles.learn_column],
             "epoch/forgotten": row[roles.forget_column],
