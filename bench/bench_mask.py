@@ -10,7 +10,9 @@ optimizer (sgd, momentum, adam, adamw) it times one update of every parameter, b
 - ``torch``: the same optimizer from ``torch.optim`` (foreach, and fused where torch has it), unmasked:
   the limit a masked update is measured against;
 - ``eager``: cnl's eager rule (the reference implementation), unmasked and masked;
-- ``fused``: cnl's fused kernel (:mod:`cnl.kernels`), unmasked and masked, in both sign storages.
+- ``fused``: cnl's fused kernel (:mod:`cnl.kernels`), unmasked and masked, in both sign storages;
+- with adamw, MoFO's update (the top 15% of each tensor by |m|): fused (the threshold ladder, CPU) and eager
+  (``torch.kthvalue``, its definition), against the same AdamW update unmasked.
 
 Prints seconds and the ratios masked fused / unmasked fused and masked fused / torch. Runs on CUDA when
 ``--device cuda`` (or auto with a GPU).
@@ -74,6 +76,35 @@ class CnlStep:
         self.optimizer.step()
 
 
+class MoFOStep:
+    """One MoFO update (AdamW filtered to the top 15% of every tensor by |m|), fused or eager (``torch.kthvalue``).
+
+    Each timed update gets fresh gradients (a fixed direction plus as much noise: consecutive questions'
+    gradients agree only partly), after ``warmup`` such updates, so the first moment and its threshold move
+    as they do in training."""
+
+    def __init__(self, params, grads, fused: bool, warmup: int = 8) -> None:
+        from cnl.methods.mofo import MomentumFilter
+
+        self.params, self.grads = params, grads
+        named = [(str(i), p) for i, p in enumerate(params)]
+        self.hooks = MomentumFilter(0.15, {n for n, p in named if p.dim() <= 1})
+        if not fused:
+            self.hooks.fused_select = None
+        self.optimizer = build_optimizer(named, "adamw", LR, hooks=self.hooks)
+        self.gen = torch.Generator(device=params[0].device).manual_seed(1)
+        for _ in range(warmup):
+            self.prepare()
+            self.optimizer.step()
+
+    def prepare(self) -> None:
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g + torch.randn(g.shape, generator=self.gen, device=g.device) * 1e-3
+
+    def run(self) -> None:
+        self.optimizer.step()
+
+
 class TorchStep:
     def __init__(self, params, grads, optimizer: str, impl: str) -> None:
         self.params, self.grads = params, grads
@@ -101,6 +132,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--optimizers", default="sgd,momentum,adam,adamw")
+    ap.add_argument("--no-mofo", dest="mofo", action="store_false", help="skip MoFO's rows (adamw)")
     args = ap.parse_args()
     device = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -128,10 +160,19 @@ def main() -> None:
         for st in ("bits", "int8"):
             results[f"eager masked ({st})"] = timed(CnlStep(params, grads, opt, refs[st], False), args.repeats, device)
             results[f"fused masked ({st})"] = timed(CnlStep(params, grads, opt, refs[st], True), args.repeats, device)
+        stats = None
+        if opt == "adamw" and args.mofo:  # MoFO filters AdamW: its update against the same unmasked update
+            mofo = MoFOStep(params, grads, fused=True)
+            results["mofo fused (ladder)"] = timed(mofo, args.repeats, device)
+            stats = mofo.hooks.stats
+            results["mofo eager (kthvalue)"] = timed(MoFOStep(params, grads, fused=False), 1, device)
         base = results["fused unmasked"]
         best_torch = min(v for k, v in results.items() if k.startswith("torch"))
         for k, v in results.items():
             print(f"{opt:<10} {k:<28} {v:>9.4f} {v / base:>17.2f}x {v / best_torch:>13.2f}x")
+        if stats is not None:
+            print(f"{'':<10} mofo: per tensor and update, the ladder found the threshold {stats['ladder']} times, "
+                  f"its wide retry {stats['wide']}, the kthvalue fallback {stats['fallback']}")  # fmt: skip
         print()
 
 

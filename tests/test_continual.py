@@ -36,7 +36,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "optimizer": "adamw",
         "lr": 2e-3,
         "epochs": 1,
-        "methods": {"replay": {"optimizer": "sgd", "lr": 1e-2}, "lora": {"lr": 1e-2}},
+        "methods": {
+            "replay": {"optimizer": "sgd", "lr": 1e-2},
+            "lora": {"lr": 1e-2},
+            "osf": {"optimizer": "sgd", "lr": 1e-2},  # adam(w) would leave its subspace: refused
+        },
     }
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return {"dir": d, "model": d / "model", "config": d / "config.yaml", **files}
@@ -77,7 +81,7 @@ def test_every_method_runs_two_rounds_from_the_previous_rounds_weights(every_met
     assert definition_state(out)["status"] == "finished"
     one, two = run_info(out, 1), run_info(out, 2)
     assert one["status"] == two["status"] == "finished" and one["method"] == method
-    start = "merged" if method == "lora" else "model"
+    start = "merged" if method in ("lora", "cnl-lora") else "model"  # an adapter, merged at the round's end
     assert Path(two["config"]["model"]["model"]) == (out / "rounds" / "01" / start).resolve()
     assert (out / "rounds" / "02" / start / "config.json").is_file()
     # every set of the sequence is evaluated in every round; the first before training too

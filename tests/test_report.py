@@ -410,3 +410,142 @@ def test_mixed_forgetting_sets_compare_in_percent(tmp_path: Path) -> None:
         )
     finally:
         plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+def add_costs(run: Path, seconds: list[tuple[float, float, float, float]], **info: Any) -> Path:
+    """Give a run of :func:`make_run` the seconds columns ``cnl train`` writes (reference, train, eval, epoch per
+    epoch) and ``info``'s keys in run.json."""
+    with open(run / "summary.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    phases = ["reference_seconds", "train_seconds", "eval_seconds", "epoch_seconds"]
+    with open(run / "summary.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*rows[0], *phases])
+        for row, s in zip(rows[1:], seconds, strict=True):
+            w.writerow([*row, *s])
+    data = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    data["columns"] = [*data["columns"], *phases]
+    (run / "run.json").write_text(json.dumps({**data, **info}), encoding="utf-8")
+    return run
+
+
+SECONDS = [(1.0, 10.0, 2.0, 13.5), (0.0, 12.0, 3.0, 15.5), (0.5, 11.0, 4.0, 16.0)]
+
+
+def test_cost_columns(ft_cnl: tuple[Path, Path]) -> None:
+    ft, cnl = ft_cnl
+    add_costs(ft, SECONDS, peak_memory_bytes=[3 * 2**30, 5 * 2**29, None], trainable_parameters=100)
+    add_costs(cnl, SECONDS[::-1], peak_memory_bytes=[2**30], method_bytes_per_param=4.5)
+    rep = build_report([load_run_record(d) for d in ft_cnl])
+    row_ft, row_cnl = rep["rows"]
+    for row in (row_ft, row_cnl):
+        assert row["mean_reference_seconds"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+        assert row["mean_train_seconds"] == pytest.approx((10.0 + 12.0 + 11.0) / 3)
+        assert row["mean_eval_seconds"] == pytest.approx((2.0 + 3.0 + 4.0) / 3)
+        assert row["mean_epoch_seconds"] == pytest.approx((13.5 + 15.5 + 16.0) / 3)
+        assert row["total_seconds"] == pytest.approx(45.0)
+    assert row_ft["peak_memory_gib"] == pytest.approx(3.0)  # the largest over the processes
+    assert row_cnl["peak_memory_gib"] == pytest.approx(1.0)
+    assert row_ft["method_bytes_per_param"] is None  # not recorded: never invented
+    assert row_cnl["method_bytes_per_param"] == pytest.approx(4.5)
+
+    lines = render_markdown(rep).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| run | method |"))
+    names = [c.strip() for c in lines[header].strip("|").split("|")]
+    cost = ["s/epoch reference", "s/epoch train", "s/epoch eval", "s/epoch total", "peak memory (GiB)"]
+    assert names[-6:] == [*cost, "method bytes/param"]
+    cells = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][-6:]
+        for line in lines[header + 2 : header + 4]
+    }
+    assert cells["ft-sgd"] == ["0.5", "11.0", "3.0", "15.0", "3.00", "n.a."]
+    assert cells["cnl-sgd"] == ["0.5", "11.0", "3.0", "15.0", "1.00", "4.5"]
+    assert json.loads(json.dumps(rep))["rows"][1]["method_bytes_per_param"] == 4.5
+
+
+def test_cost_columns_not_recorded(ft_cnl: tuple[Path, Path]) -> None:
+    rep = build_report([load_run_record(d) for d in ft_cnl])
+    row = rep["rows"][0]
+    assert row["mean_train_seconds"] is None and row["total_seconds"] is None
+    assert row["peak_memory_gib"] is None and row["method_bytes_per_param"] is None
+    assert rep["budget"] is None
+    body = next(line for line in render_markdown(rep).splitlines() if line.startswith("| ft-sgd |"))
+    assert body.endswith("| n.a. | n.a. | n.a. | n.a. | n.a. | n.a. |")
+    assert "At equal wall time" not in render_markdown(rep)
+
+
+def test_budget_picks_the_epoch_closest_in_cumulative_time(tmp_path: Path) -> None:
+    # cumulative: fast 10, 20, 30, 40; slow 25, 50, 75
+    fast = add_costs(make_run(tmp_path, "fast", "ft", [1, 2, 3, 4], [5, 6, 7, 8]), [(0, 9, 1, 10.0)] * 4)
+    slow = add_costs(make_run(tmp_path, "slow", "cnl", [10, 20, 30], [1, 2, 3]), [(0, 20, 5, 25.0)] * 3)
+    runs = [load_run_record(d) for d in (fast, slow)]
+
+    b = build_report(runs, budget=52.0)["budget"]
+    assert (b["seconds"], b["auto"]) == (52.0, False)
+    got = {r["run"]: (r["epoch"], r["cumulative_seconds"], r["learned"], r["forgotten"]) for r in b["rows"]}
+    assert got == {"fast": (4, 40.0, 4, 8), "slow": (2, 50.0, 20, 2)}
+
+    b = build_report(runs, budget=24.0)["budget"]
+    got = {r["run"]: (r["epoch"], r["cumulative_seconds"]) for r in b["rows"]}
+    assert got == {"fast": (2, 20.0), "slow": (1, 25.0)}
+    assert b["rows"][1]["learned_pct"] == pytest.approx(25.0) and b["rows"][1]["forgotten_pct"] == pytest.approx(
+        100 / 60
+    )
+
+    rep = build_report(runs, budget="auto")  # the shortest total: fast's 40 s
+    assert (rep["budget"]["seconds"], rep["budget"]["auto"]) == (40.0, True)
+    got = {r["run"]: (r["epoch"], r["cumulative_seconds"]) for r in rep["budget"]["rows"]}
+    assert got == {"fast": (4, 40.0), "slow": (2, 50.0)}  # |50 - 40| < |25 - 40|
+    md = render_markdown(rep)
+    assert "## At equal wall time" in md and "40.0 s (auto" in md
+    assert "| slow | 2 | 50.0 | 20 (50.0%) | 2 (3.3%) |" in md
+    assert "| fast | 4 | 40.0 | 4 (10.0%) | 8 (13.3%) |" in md
+
+
+def test_budget_without_epoch_times(ft_cnl: tuple[Path, Path]) -> None:
+    add_costs(ft_cnl[0], SECONDS)
+    runs = [load_run_record(d) for d in ft_cnl]
+    rows = build_report(runs, budget="auto")["budget"]["rows"]
+    assert rows[0]["epoch"] == 3 and rows[1]["epoch"] is None
+    assert "| cnl-sgd | n.a. | n.a. | n.a. | n.a. |" in render_markdown(build_report(runs, budget=20))
+    with pytest.raises(CnlError, match="no run records its epoch times"):
+        build_report([runs[1]], budget="auto")
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "soon", "nan", "inf", ""])
+def test_budget_bad_value(ft_cnl: tuple[Path, Path], bad: str) -> None:
+    with pytest.raises(CnlError, match="positive number of seconds, or 'auto'"):
+        build_report([load_run_record(d) for d in ft_cnl], budget=bad)
+
+
+def test_cli_report_budget(ft_cnl: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add_costs(ft_cnl[0], SECONDS)
+    add_costs(ft_cnl[1], [(0, 1, 1, 2.0)] * 3)
+    out = tmp_path / "cli-out"
+    code = run_cli(["report", *map(str, ft_cnl), "--out", str(out), "--budget", "29"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert rep["budget"]["seconds"] == 29.0
+    assert [(r["run"], r["epoch"]) for r in rep["budget"]["rows"]] == [("ft-sgd", 2), ("cnl-sgd", 3)]
+    assert "## At equal wall time" in (out / "report.md").read_text(encoding="utf-8")
+
+    code = run_cli(["report", *map(str, ft_cnl), "--out", str(tmp_path / "auto"), "--budget", "auto"])
+    assert code == 0
+    rep = json.loads((tmp_path / "auto" / "report.json").read_text(encoding="utf-8"))
+    assert rep["budget"]["seconds"] == 6.0 and rep["budget"]["auto"] is True
+    assert [(r["run"], r["epoch"]) for r in rep["budget"]["rows"]] == [("ft-sgd", 1), ("cnl-sgd", 3)]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "soon"])
+def test_cli_report_bad_budget(
+    ft_cnl: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    out = tmp_path / "out"
+    code = run_cli(["report", *map(str, ft_cnl), "--out", str(out), f"--budget={bad}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--budget" in err and "positive number of seconds, or 'auto'" in err and "Traceback" not in err
+    assert not out.exists()

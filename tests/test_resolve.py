@@ -30,6 +30,17 @@ SHIPPED = {
     "hft": [("hft_redraw", "redraw", "never")],
     "ewc": [("ewc_lambda", "lambda_", 3.0), ("ewc_fisher", "fisher", "once"), ("ewc_gamma", "gamma", 0.5)],
     "l2": [("l2_alpha", "alpha", 5.0), ("l2_anchor", "anchor", "original")],
+    "freeze": [("freeze_bottom", "bottom", 2), ("freeze_top", "top", 1), ("freeze_embeddings", "embeddings", False)],
+    "asft": [("asft_kl_weight", "kl_weight", 0.5), ("asft_kl_direction", "kl_direction", "reverse")],
+    "wise": [("wise_alpha", "alpha", 0.25)],
+    "osf": [
+        ("osf_effective_rank", "effective_rank", 0.25), ("osf_targets", "targets", "q_proj"),
+        ("osf_rank_growth", "rank_growth", 0.5),
+    ],
+    "cnl-lora": [
+        ("cnl_lora_r", "r", 4), ("cnl_lora_alpha", "alpha", 8), ("cnl_lora_dropout", "dropout", 0.25),
+        ("cnl_lora_targets", "targets", "q_proj"),
+    ],
 }  # fmt: skip
 
 
@@ -91,7 +102,8 @@ def test_help_lists_every_method_and_every_option(capsys: pytest.CaptureFixture[
 def test_old_flags_still_set_the_options(tmp_path: Path, model: dict[str, str], method: str) -> None:
     argv = ["train", "--out", str(tmp_path / "r"), "--model", model["model"], "--method", method]
     for key, _, value in SHIPPED[method]:
-        argv += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        argv += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
     c = resolve_train_configs(build_parser().parse_args(argv))
     assert type(c.train.options) is get_method(method).options_class
     for _, field, value in SHIPPED[method]:

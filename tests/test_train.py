@@ -12,6 +12,7 @@ import json
 import math
 import random
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -999,3 +1000,42 @@ def test_a_runs_checkpoint_and_a_masked_optimizer_load_into_each_other(tmp_path,
     assert frozen_a == frozen_b > 0
     for n in wa:
         assert torch.equal(wa[n], wb[n]), n
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"method": "ft"}, lambda n, e: 0.0),
+        ({"method": "cnl", "sign_storage": "int8"}, lambda n, e: 1.0),  # one sign byte per parameter
+        ({"method": "cnl", "sign_storage": "bits"}, lambda n, e: None),  # 2 bits per parameter, in 64-byte blocks
+        ({"method": "l2"}, lambda n, e: 4.0),  # a float32 copy of the start weights
+        ({"method": "asft"}, lambda n, e: 4.0 + e / n),  # a float32 copy of the whole model (its buffers too)
+    ],
+    ids=["ft", "cnl-int8", "cnl-bits", "l2", "asft"],
+)
+def test_run_json_records_the_bytes_per_parameter_the_method_holds(
+    tmp_path: Path, options: dict[str, object], expected: Callable[[int, int], float | None]
+) -> None:
+    """``method_bytes_per_param`` counts what the method keeps beside the weights and the optimizer state."""
+    import json
+
+    from helpers import train_tiny
+
+    from cnl.testing import make_mc_rows, make_tiny_model, make_tiny_tokenizer, write_jsonl
+
+    tok = make_tiny_tokenizer("chatml")
+    model = make_tiny_model("llama", vocab_size=len(tok), seed=2)
+    n = sum(p.numel() for p in model.parameters())
+    mc = make_mc_rows(6, seed=5)
+    files = {
+        "mastered": write_jsonl(tmp_path / "m.jsonl", mc[:3]),
+        "injection": write_jsonl(tmp_path / "i.jsonl", mc[3:]),
+    }
+    out = tmp_path / "run"
+    train_tiny(out, files, model=model, tokenizer=tok, epochs=1, optimizer="sgd", lr=1e-3, **options)
+    held = json.loads((out / "run.json").read_text())["method_bytes_per_param"]
+    want = expected(n, sum(b.numel() * b.element_size() for b in model.buffers()))
+    if want is None:  # bits: a 64-byte block per 256 elements of each tensor
+        blocks = sum(-(-p.numel() // 256) for p in model.parameters())
+        want = round(64 * blocks / n, 4)
+    assert held == pytest.approx(want, abs=1e-4)

@@ -47,6 +47,7 @@ __all__ = [
     "encode_open",
     "normalize",
     "matches",
+    "answer_logits",
     "answer_losses",
     "greedy",
     "fast_matches",
@@ -197,19 +198,29 @@ def _tail_logits(model: torch.nn.Module, seqs: Sequence[Sequence[int]], keep: in
     return model(**kwargs).logits[:, -keep:, :]
 
 
-def answer_losses(model: torch.nn.Module, batch: Sequence[OpenEncoded], pad_id: int = 0) -> torch.Tensor:
-    """Per-question losses ``[len(batch)]``: the mean cross-entropy over each question's ``loss_ids`` (the
-    answer's tokens, and the end of the turn when encoded with it), the prompt masked out. Gradients flow
-    when grad mode is on."""
+def answer_logits(
+    model: torch.nn.Module, batch: Sequence[OpenEncoded], pad_id: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per question, ``(logits [n, vocab] in float32, targets [n])`` at the positions that predict its ``loss_ids``
+    (the positions :func:`answer_losses` is over), from one forward pass of the batch. Gradients flow when grad
+    mode is on."""
     targets = [list(e.loss_ids) for e in batch]
     seqs = [list(e.input_ids) + t for e, t in zip(batch, targets, strict=True)]
     keep = max(len(t) for t in targets) + 1
     logits = _tail_logits(model, seqs, keep, pad_id).float()
-    losses = []
+    out = []
     for i, t in enumerate(targets):
         # the last len(t) tokens are the targets; the positions before each predict it
         pred = logits[i, keep - 1 - len(t) : keep - 1]
-        losses.append(F.cross_entropy(pred, torch.tensor(t, device=pred.device), reduction="mean"))
+        out.append((pred, torch.tensor(t, device=pred.device)))
+    return out
+
+
+def answer_losses(model: torch.nn.Module, batch: Sequence[OpenEncoded], pad_id: int = 0) -> torch.Tensor:
+    """Per-question losses ``[len(batch)]``: the mean cross-entropy over each question's ``loss_ids`` (the
+    answer's tokens, and the end of the turn when encoded with it), the prompt masked out. Gradients flow
+    when grad mode is on."""
+    losses = [F.cross_entropy(pred, t, reduction="mean") for pred, t in answer_logits(model, batch, pad_id)]
     return torch.stack(losses)
 
 

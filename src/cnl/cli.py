@@ -1,4 +1,4 @@
-"""The ``cnl`` command: one verb per job (split, train, analyze, report, compare, data).
+"""The ``cnl`` command: one verb per job (split, train, analyze, report, compare, interpolate, data).
 
 Each verb is a thin layer: parse flags into the config dataclasses, validate every input before any
 model is loaded, call the library, print a short summary. Errors of the :class:`CnlError` family
@@ -660,6 +660,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{', '.join(mixed)}: cnl continual directories, reported apart from run directories (one report "
             "of continual directories, another of runs)"
         )
+    if args.budget is not None and all(continual):
+        raise CnlError("--budget compares run directories at equal wall time; cnl continual directories have none")
     with locked_output(args.out, "cnl report"):
         refuse_foreign_files(args.out, ("report.json",), "cnl report")
         if all(continual):
@@ -667,7 +669,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
             report = write_continual_report(args.runs, args.out)
         else:
-            report = write_report(args.runs, args.out, mixed_forget_sets=args.mixed_forget_sets)
+            report = write_report(args.runs, args.out, mixed_forget_sets=args.mixed_forget_sets, budget=args.budget)
     if all(continual):
         _print_continual_report(report)
         names = ", ".join(f"ledger_{r['run']}.png" for r in report["rows"])
@@ -727,7 +729,61 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="allow runs that measure forgetting on different sets of one split (replay, ood settings: M2); "
         "forgetting is then compared in percent",
     )
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        metavar="SECONDS|auto",
+        help="add a table at equal wall time: each run at the epoch whose cumulative wall time is closest to "
+        "SECONDS ('auto': the shortest run's total wall time)",
+    )
     p.set_defaults(handler=cmd_report)
+
+
+def _budget(text: str) -> float | str:
+    """``--budget``: a positive number of seconds or ``auto``."""
+    from .report import parse_budget
+
+    try:
+        return parse_budget(text)
+    except CnlError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--budget ")) from None
+
+
+# ----------------------------------------------------------------------------------- interpolate
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from .interpolate import interpolate_run, parse_alphas
+
+    alphas = parse_alphas(args.alphas)  # before anything else
+    results = interpolate_run(args.run, alphas, device=args.device)
+    print_table(
+        ["alpha", "learned", "forgotten", "point"],
+        [[f"{r['alpha']:g}", r["learned"], r["forgotten"], r["path"]] for r in results],
+    )
+    print(f"\ncnl report {args.run} --out REPORT draws the run's WiSE-FT curve with these points")
+    return 0
+
+
+def _add_interpolate(sub: argparse._SubParsersAction) -> None:
+    from .interpolate import DEFAULT_ALPHAS
+
+    p = sub.add_parser(
+        "interpolate",
+        help="WiSE-FT: a finished run's final weights mixed with its start, (1 − α) θ₀ + α θ, evaluated per α",
+        description="WiSE-FT (Wortsman et al. 2022): for each mixing weight α, the weights (1 − α) θ₀ + α θ of a "
+        "finished full-weight run (θ₀ the model it started from, θ its final weights: its model/ from --save-model, "
+        "or its checkpoint kept with --keep-checkpoint), evaluated on the run's sets as its epochs were, each "
+        "written as a run directory RUN/wise/alpha_<α>/ that 'cnl report RUN' shows and draws as the run's WiSE "
+        "curve. α = 1 is the run's final epoch, α = 0 the untrained model. Resumable: points written are skipped.",
+    )
+    p.add_argument("run", type=Path, help="a finished run directory of 'cnl train' (not LoRA)")
+    p.add_argument(
+        "--alphas",
+        default=DEFAULT_ALPHAS,
+        metavar="A,B,...",
+        help=f"mixing weights in [0, 1], each once (default: {DEFAULT_ALPHAS})",
+    )
+    p.add_argument("--device", default=None, help="torch device to evaluate on (default: the run's --device)")
+    p.set_defaults(handler=cmd_interpolate)
 
 
 # --------------------------------------------------------------------------------------- compare
@@ -740,6 +796,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .resolve import method_values_from_namespace
 
     _check_answer_arguments(args)
+    alphas = None
+    if args.interpolate is not None:
+        from .interpolate import parse_alphas
+
+        alphas = parse_alphas(args.interpolate, flag="--interpolate")
     plan = plan_compare(
         dataset=args.dataset,
         out=args.out,
@@ -753,12 +814,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}),
             **{k: v for k, v in values_from_namespace(args, TrainConfig).items() if k in WATCH_FIELDS},
             **method_values_from_namespace(args),
+            **({"save_model": True} if alphas else {}),  # the final weights WiSE-FT mixes
         },
         model=values_from_namespace(args, ModelConfig),
         general=args.general,
         fmt=args.format,
     )
     plan.eval_templates = args.eval_templates
+    plan.interpolate = alphas
     from .io import locked_output, refuse_foreign_files
 
     with locked_output(plan.out, "cnl compare"):
@@ -822,6 +885,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     from .config import field_docs
 
     p.add_argument("--eval-templates", default=None, metavar="FILE", help=field_docs(DataConfig)["eval_templates"])
+    p.add_argument(
+        "--interpolate",
+        default=None,
+        metavar="A,B,...",
+        help="after training, WiSE-FT points of every full-weight run at these mixing weights (cnl interpolate; "
+        "the runs then save their model), shown in the report",
+    )
     from .methods.base import REPORT_TO
     from .resolve import add_method_arguments
 
@@ -977,7 +1047,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collaborative Neuron Learning: teach a language model new facts without forgetting.",
     )
     parser.add_argument("--version", action="version", version=f"cnl {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="{compare,continual,split,train,analyze,eval,report,data}")
+    sub = parser.add_subparsers(
+        dest="verb", metavar="{compare,continual,split,train,analyze,eval,report,interpolate,data}"
+    )
     sub.required = True
     _add_compare(sub)
     _add_continual(sub)
@@ -986,6 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_eval(sub)
     _add_report(sub)
+    _add_interpolate(sub)
     _add_data(sub)
     return parser
 

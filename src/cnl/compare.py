@@ -4,7 +4,8 @@
 :func:`cnl.resolve.resolve_configs`) and validates the dataset before any model loads;
 :func:`run_compare` splits (or reuses a matching split), checks every run before any of them trains
 (sets, resumability), trains each method into ``runs/<method>-<optimizer>`` with ``resume`` (finished
-runs are reused), then writes the report.
+runs are reused), then (``--interpolate``) writes each full-weight run's WiSE-FT points
+(:mod:`cnl.interpolate`), then the report.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ComparePlan:
     format: str = "auto"
     #: Other phrasings every run is evaluated under (``--eval-templates``).
     eval_templates: str | None = None
+    #: WiSE-FT mixing weights of the points written for every full-weight run (``--interpolate``; None: none).
+    interpolate: list[float] | None = None
 
     @property
     def model(self) -> ModelConfig:
@@ -153,7 +156,7 @@ def _run_compare(plan: ComparePlan, load_model: Callable[..., Any], say: Callabl
     from .split import read_split_manifest, run_split
     from .train import ResumeMismatch, plan_run, train
 
-    steps = len(plan.configs) + 2
+    steps = len(plan.configs) + 2 + (1 if plan.interpolate else 0)
     want = plan.split_identity
     manifest = None
     if (plan.split_dir / "split.json").exists():
@@ -207,6 +210,15 @@ def _run_compare(plan: ComparePlan, load_model: Callable[..., Any], say: Callabl
             + (f" (preset {c.preset})" if c.preset else "")
         )
         train(c.train, data, c.model, plan.run_dirs[m], resume=True)
+    if plan.interpolate:
+        from .interpolate import NotInterpolable, interpolate_run
+
+        say(f"\n== {steps - 1}/{steps} interpolate (WiSE-FT): α = {', '.join(f'{a:g}' for a in plan.interpolate)}")
+        for m, run_dir in plan.run_dirs.items():
+            try:
+                interpolate_run(run_dir, plan.interpolate, say=say)
+            except NotInterpolable as e:
+                say(f"{m}: no WiSE-FT points ({e})")
     say(f"\n== {steps}/{steps} report")
     # replay measures forgetting on M2 (its own setting): the report then compares percentages
     return write_report(list(plan.run_dirs.values()), plan.out / "report", mixed_forget_sets=True)

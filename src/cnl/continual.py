@@ -18,8 +18,9 @@ backward transfer and forgetting (docs/continual.md gives the formulas).
 Each method's continual form: cnl and agem protect the protected set (reference, memory); replay trains on
 I and a buffer, the first half of the protected set (SPEC's halving); ewc is online EWC (the Fisher
 accumulated over rounds, :meth:`cnl.methods.ewc.EWC.round_end`); l2 anchors at each round's start, or the
-original weights with ``--l2-anchor original``; lora trains a fresh adapter each round, merged into the
-weights at the round's end; ft, mofo and hft are unchanged per round.
+original weights with ``--l2-anchor original``; lora (and cnl-lora) trains a fresh adapter each round, merged
+into the weights at the round's end; osf decomposes each round's start weights anew, preserving a share that
+grows round by round (:meth:`cnl.methods.base.Method.round_config`); ft, mofo and hft are unchanged per round.
 
 The output directory::
 
@@ -247,6 +248,7 @@ def plan_continual(
         from .methods import validate_train_config
 
         method = validate_train_config(c.train)
+        method.round_config(c.train, k)
         if method.resolve_setting(c.train.setting) not in ("in-set", "replay"):
             raise ConfigError(f"round {k}: cnl continual runs the in-set setting (the protected set is M)")
         configs.append(c)
@@ -409,7 +411,7 @@ def _run_rounds(
             echo=echo,
             link=RoundLink(watch=watch, before=k == 1, carried=carried),
         )
-        if cfg.method == "lora":
+        if (plan.round_dir(k) / "model" / "adapter_config.json").is_file():  # lora, cnl-lora: an adapter
             _merge_lora(plan.round_dir(k), model_cfg)
         state["rounds_done"] = k
         atomic_write_json(plan.out / DEFINITION, state)

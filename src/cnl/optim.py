@@ -221,6 +221,7 @@ def apply_update(
     *,
     fused: bool = True,
     select: Callable[[torch.Tensor, torch.Tensor, dict[str, Any] | None], int] | None = None,
+    fused_select: Callable[[UpdateRule, Any, torch.Tensor, torch.Tensor, float], int | None] | None = None,
 ) -> int | torch.Tensor | None:
     """``θ ← θ − η · mask(u)`` for one parameter: the rule's update ``u`` from ``grad`` (state kept by
     ``rule`` under ``key``), frozen where ``u`` disagrees in sign with ``reference``. Returns how many
@@ -229,12 +230,18 @@ def apply_update(
     update; :class:`cnl.optimizer.MaskedOptimizer` calls it for every parameter, in ``cnl train`` too.
 
     ``select(param, u, state)`` (a method's filter, e.g. MoFO's) zeroes, in place, the elements of ``u``
-    that must not move and returns how many; it runs the eager rule."""
+    that must not move and returns how many; it runs the eager rule, unless ``fused_select(rule, key, param,
+    grad, lr)`` (the same filter in fused kernels: MoFO's) takes the whole update and returns the frozen count
+    (None: it cannot here)."""
     target, grad = local(param), local(grad)
     masked = reference is not None and param in reference
     n = None
     if fused and select is None:
         n = rule.fused(key, target, grad, reference.raw(param) if masked else None, lr)
+    elif fused and fused_select is not None and not masked:
+        n = fused_select(rule, key, target, grad, lr)
+        if n is not None:
+            return n
     if n is None:  # the eager rule: the reference implementation, and the fallback
         u = rule.direction(key, target, grad)
         if masked:
@@ -259,6 +266,9 @@ class UpdateHooks:
 
     freezes: bool = False
     select: Callable[[Any, torch.Tensor, torch.Tensor, dict[str, Any] | None], int] | None = None
+    #: ``select`` done inside fused kernels: ``fused_select(name, rule, key, param, grad, lr)`` makes the whole
+    #: update and returns the frozen count, bit-identical to the rule followed by ``select``; None: cannot.
+    fused_select: Callable[[Any, UpdateRule, Any, torch.Tensor, torch.Tensor, float], int | None] | None = None
 
     def skip(self, key: Any) -> bool:
         return False

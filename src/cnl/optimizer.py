@@ -245,12 +245,16 @@ class MaskedOptimizer(torch.optim.Optimizer):
         hooks, name = self.hooks, self.names[p]
         if hooks is not None and hooks.skip(name):
             return elements, elements
-        select = None
+        select = fused_select = None
         if hooks is not None:
             hooks.adjust_grad_(name, p, local(grad))
             if hooks.select is not None:
                 select = functools.partial(hooks.select, name)
-        n = apply_update(rule, p, p, grad, lr, self.reference, fused=self.fused, select=select)
+            if hooks.fused_select is not None:
+                fused_select = functools.partial(hooks.fused_select, name)
+        n = apply_update(
+            rule, p, p, grad, lr, self.reference, fused=self.fused, select=select, fused_select=fused_select
+        )
         return (0 if n is None else n), elements
 
     def _count(self, frozen: int | torch.Tensor, elements: int) -> None:

@@ -12,6 +12,8 @@ read it back through :class:`RunDir` only::
     checkpoint/       latest.json -> epoch_NNN/ (meta.json; rank_R.safetensors + rank_R.json per process:
                       weights, optimizer and method state, RNG; never a pickle)
     model/            with --save-model: Hugging Face format (LoRA: the adapter)
+    wise/alpha_A/     ``cnl interpolate``: the WiSE-FT point (1 − A) θ₀ + A θ of the final weights, a run
+                      directory of its own (run.json, summary.csv with one row, predictions/)
 
 Every write goes through :mod:`cnl.io` (atomic files, atomic directories).
 """
@@ -481,6 +483,23 @@ class RunDir:
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    # ------------------------------------------------------------------ WiSE-FT points (cnl interpolate)
+    @property
+    def wise(self) -> Path:
+        """``wise/``: the run's WiSE-FT points, one run directory per mixing weight α."""
+        return self.root / "wise"
+
+    def wise_point(self, alpha: float) -> Path:
+        """The run directory of the point at ``alpha`` (``wise/alpha_0.25``; ``alpha_0``, ``alpha_1``)."""
+        text = repr(float(alpha))
+        return self.wise / f"alpha_{text[:-2] if text.endswith('.0') else text}"
+
+    def wise_points(self) -> list[Path]:
+        """The point directories written so far (each with its run.json), by name."""
+        if not self.wise.is_dir():
+            return []
+        return sorted(d for d in self.wise.iterdir() if d.name.startswith("alpha_") and (d / "run.json").is_file())
 
     # ------------------------------------------------------------------ the final model
     def save_model(self, model: torch.nn.Module, tokenizer: Any, state_dict: dict[str, Any] | None = None) -> None:

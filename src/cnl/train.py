@@ -27,7 +27,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .io import locked_output, refuse_foreign_files
 from .loading import Loaded, load_for_sets
 from .mask import SignReference
 from .methods import Method, validate_train_config
+from .methods.base import LossFn
 from .optim import UpdateHooks, sparse_embedding_grads
 from .optimizer import MaskedOptimizer, build_optimizer
 from .reference import accumulate_mean_gradient, reference_sign
@@ -206,20 +207,23 @@ def train(
                         where=f"epoch {epoch}",
                         progress=progress,
                         on_step=functools.partial(watch.step, epoch),
+                        loss_fn=run.loss_fn,
                     )
                     _check_finite(run, epoch)
                     t_watch = watch.pop_seconds()  # the probe's KL and the sample counts are evaluation
                     t_train = time.perf_counter() - t0 - t_watch
                     t0 = time.perf_counter()
-                    preds = evaluate(
-                        run.model,
-                        {name: run.encoded[name] for name in _evaluated_sets(run)},
-                        desc=f"epoch {epoch} eval",
-                        **_eval_settings(run, progress),
-                    )
+                    with run.plan.method.evaluation_weights(run):  # the trained weights, unless the method says
+                        preds = evaluate(
+                            run.model,
+                            {name: run.encoded[name] for name in _evaluated_sets(run)},
+                            desc=f"epoch {epoch} eval",
+                            **_eval_settings(run, progress),
+                        )
                     t_eval = time.perf_counter() - t0 + t_watch
                     seconds = {"reference": t_ref, "train": t_train, "eval": t_eval}
                     run.info["peak_memory_bytes"] = dist.gather(meter.peak())
+                    run.info["method_bytes_per_param"] = method_bytes_per_param(run)
                     row = record(run, epoch, loss, masked, preds, seconds, time.perf_counter() - t_epoch, watch.kl)
                     watch.epoch_end(row, preds)
             _finish(run)
@@ -619,6 +623,8 @@ class Run:
     say: Callable[[str], None]
     #: ``--probe``: the start's answer distributions (None: no probe).
     probe: Any = None
+    #: The method's own training objective (:meth:`Method.make_loss`; None: the task loss).
+    loss_fn: LossFn | None = None
 
     @property
     def cfg(self) -> TrainConfig:
@@ -707,12 +713,20 @@ def _loss(
     pad_id: int,
     divisor: float,
     placeholder: Encoded | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """``(the batch's loss sum divided by divisor, the losses)``, to back-propagate. ``batch`` None: a
-    placeholder pass of weight 0 on ``placeholder`` (a rank with nothing left joins FSDP's collectives)."""
+    placeholder pass of weight 0 on ``placeholder`` (a rank with nothing left joins FSDP's collectives).
+    ``loss_fn``: a method's own objective (:meth:`Method.make_loss`), back-propagated while the losses it
+    reports are returned; None: the task loss, both."""
     if batch is None:
         assert placeholder is not None
+        if loss_fn is not None:
+            return loss_fn(model, [placeholder], pad_id)[0].sum() * 0.0, []
         return batch_losses(model, [placeholder], pad_id).sum() * 0.0, []
+    if loss_fn is not None:
+        objective, reported = loss_fn(model, batch, pad_id)
+        return objective.sum() / divisor, reported.detach().tolist()
     losses = batch_losses(model, batch, pad_id)
     return losses.sum() / divisor, losses.detach().tolist()
 
@@ -755,6 +769,7 @@ def load(
     pool_enc = [e for name in roles.train for e in encoded[name]]
     order = plan.method.training_order(len(pool_enc), cfg)
     optimizer = build_run_optimizer(cfg, plan.method, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    loss_fn = plan.method.make_loss(cfg, model)  # at the start weights: a checkpoint is restored below
     if plan.link is not None and plan.link.carried and optimizer.hooks is not None:
         plan.method.round_begin(optimizer.hooks, plan.link.carried, cfg)  # a checkpoint (below) restores later state
     rows: list[dict[str, Any]] = []
@@ -791,6 +806,7 @@ def load(
         info=info,
         say=say,
         probe=probe,
+        loss_fn=loss_fn,
     )
 
 
@@ -1031,6 +1047,7 @@ def train_epoch(
     where: str = "",
     progress: bool | None = None,
     on_step: Callable[[int, int, float, float], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[float, float]:
     """One update per batch, in order (SPEC §4 step 2: batch size 1); ``(mean loss, masked fraction)``.
 
@@ -1043,7 +1060,8 @@ def train_epoch(
     the optimizer steps after it. A non-finite loss stops with the question's file line (``lines``)
     before its update. The masked fraction is the share of the epoch's element-updates left frozen.
     ``on_step(i, steps, loss, masked)`` is called after each step's update (i from 1; the step's mean loss and
-    masked fraction, over every process).
+    masked fraction, over every process). ``loss_fn``: the method's own objective (:meth:`Method.make_loss`),
+    back-propagated in place of the task loss; the loss reported is the one it reports.
     """
     model.train()
     loss_sum = 0.0
@@ -1062,7 +1080,7 @@ def train_epoch(
         for i, idx in dist.lockstep(mine):
             start, count = steps[i]
             batch = None if idx is None else [questions[j] for j in idx]
-            total, losses = _loss(model, batch, pad_id, count, placeholder=questions[start])
+            total, losses = _loss(model, batch, pad_id, count, placeholder=questions[start], loss_fn=loss_fn)
             bad = [(j, v) for j, v in zip(idx or (), losses, strict=True) if not math.isfinite(v)]
             if dist.any(bool(bad)):  # stop before this step's update
                 j, v = next((b for found in dist.gather(bad) for b in found), (start, float("nan")))
@@ -1083,6 +1101,47 @@ def train_epoch(
     frozen, elements = optimizer.pop_counts()
     frozen, elements = dist.sum(frozen) + frozen_total, dist.sum(elements) + elements_total
     return dist.sum(loss_sum) / n, (frozen / elements if elements else 0.0)
+
+
+def _tensor_bytes(value: Any, exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors in ``value`` (attributes of objects, nested dicts, lists, tuples, modules), each storage
+    counted once and none of ``exclude``'s (the model's own weights, which hooks may refer to)."""
+    seen: set[int] = {local(t).untyped_storage().data_ptr() for t in exclude}
+    visited: set[int] = set()  # objects already walked (cycles)
+
+    def walk(v: Any) -> int:
+        if id(v) in visited:
+            return 0
+        visited.add(id(v))
+        if isinstance(v, torch.Tensor):
+            t = local(v)
+            key = t.untyped_storage().data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return t.untyped_storage().nbytes()
+        if isinstance(v, torch.nn.Module):
+            return sum(walk(t) for t in (*v.parameters(), *v.buffers()))
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple, set)):
+            return sum(walk(x) for x in v)
+        if hasattr(v, "__dict__") and not isinstance(v, type):
+            return walk(vars(v))
+        return 0
+
+    return walk(value)
+
+
+def method_bytes_per_param(run: Run) -> float:
+    """What the method holds beyond the weights, the gradient and the optimizer's state, per model parameter
+    (this process's share): CNL's reference signs, the tensors of its hooks (EWC's Fisher and anchor, L2-SP's
+    anchor, A-GEM's reference gradient, WiSE's start weights) and its loss's (ASFT's frozen copy of the model)."""
+    weights = list(run.model.parameters())
+    held = run.optimizer.reference.nbytes() if run.optimizer.reference is not None else 0
+    held += _tensor_bytes([run.hooks, run.loss_fn], exclude=weights)
+    n = sum(local(p).numel() for p in weights)
+    return round(held / n, 4) if n else 0.0
 
 
 def _check_finite(run: Run, epoch: int) -> None:
@@ -1374,8 +1433,8 @@ def _fail(run: Run, e: BaseException) -> None:
 
 
 def _finish(run: Run) -> None:
-    """Save the model (``--save-model``), the method's state for the next round (``cnl continual``), remove
-    the checkpoint (unless kept) and record ``finished``."""
+    """Save the model (``--save-model``: the weights the method evaluates), the method's state for the next round
+    (``cnl continual``), remove the checkpoint (unless kept) and record ``finished``."""
     dist = run.plan.dist
     if run.plan.link is not None:
         with run.optimizer.paused():
@@ -1384,7 +1443,7 @@ def _finish(run: Run) -> None:
             run.rundir.save_carry(carry)
     if run.cfg.save_model:
         kept = "every epoch's results and the last checkpoint are kept"
-        with _disk_full_message(f"the model to {run.rundir.model}", kept):
+        with _disk_full_message(f"the model to {run.rundir.model}", kept), run.plan.method.evaluation_weights(run):
             if dist.enabled:  # one Hugging Face model, gathered from the shards onto rank 0
                 from .distributed import full_state_dict
 

@@ -17,13 +17,17 @@ from cnl.optim import OPTIMIZERS
 from cnl.scoring import Encoded, PromptEncoder, batch_losses
 from cnl.testing import make_tiny_model, make_tiny_tokenizer
 
-NEW = ("mofo", "hft", "agem", "ewc", "l2")
+NEW = ("mofo", "hft", "agem", "ewc", "l2", "freeze", "asft", "osf", "cnl-lora")
 ALLOWED = {
     "mofo": ("momentum", "adam", "adamw"),
     "hft": OPTIMIZERS,
     "agem": OPTIMIZERS,
     "ewc": OPTIMIZERS,
     "l2": OPTIMIZERS,
+    "freeze": OPTIMIZERS,
+    "asft": OPTIMIZERS,
+    "osf": ("sgd", "momentum"),  # only these keep the update orthogonal to the frozen subspace
+    "cnl-lora": ("sgd", "momentum", "adamw"),  # LoRA's
 }
 LR = {"sgd": 1e-2, "momentum": 1e-2, "adam": 1e-3, "adamw": 1e-3}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

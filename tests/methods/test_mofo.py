@@ -109,3 +109,48 @@ def test_mofo_fraction_one_is_the_plain_optimizer(tmp_path: Path, sets: dict[str
 def test_mofo_defaults_to_adamw() -> None:
     assert get_method("mofo").defaults == {"optimizer": "adamw"}
     assert MoFOOptions().fraction == 0.15 and get_method("mofo").options_class is MoFOOptions
+
+
+@pytest.mark.parametrize("optimizer", ALLOWED["mofo"])
+def test_mofo_fused_selection_is_bit_identical_to_kthvalue(optimizer: str) -> None:
+    """The threshold ladder (fused CPU kernels) against the definition (eager rule + torch.kthvalue) over steps
+    that hit the ladder, need its wide retry (a gradient 10x larger) and fall back (a 1000x jump), on tensors
+    with ties, zeros and one split into ranges between two threads: weights, state and counts bit for bit."""
+    from cnl import kernels
+    from cnl.methods.mofo import MomentumFilter
+
+    if not kernels.band_available(torch.zeros(1), torch.zeros(1)):
+        pytest.skip("no CPU kernels here")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(40, 30), (200,), (70_001,), (64, 96)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        names = [str(i) for i in range(len(params))]
+        always = {n for n, p in zip(names, params, strict=True) if p.dim() <= 1}
+        fast, slow = MomentumFilter(0.15, always), MomentumFilter(0.15, always)
+        slow.fused_select = None  # the definition only
+        lr = LR[optimizer]
+        opts = [build_optimizer(list(zip(names, ps, strict=True)), optimizer, lr, hooks=h)
+                for ps, h in ((params, fast), (twins, slow))]  # fmt: skip
+        scale = [1, 1, 1, 10, 1, 1000, 1, 1]
+        for step, s in enumerate(scale):
+            for p, q in zip(params, twins, strict=True):
+                g = torch.randn(p.shape, generator=gen) * s
+                if step == 2:
+                    g.view(-1)[::3] = 0.0  # zeros in the moments
+                if step == 4:
+                    g.view(-1)[: g.numel() // 2] = g.view(-1)[0]  # many ties
+                p.grad, q.grad = g.clone(), g.clone()
+            for o in opts:
+                o.step()
+            assert opts[0].pop_counts() == opts[1].pop_counts(), step
+            for p, q in zip(params, twins, strict=True):
+                assert torch.equal(p.view(torch.int32), q.view(torch.int32)), step
+                for key, value in opts[0].state[p].items():
+                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(opts[1].state[q][key])), (step, key)
+        assert fast.stats["ladder"] > 0 and fast.stats["wide"] > 0 and fast.stats["fallback"] > 0, fast.stats
+    finally:
+        torch.set_num_threads(threads)

@@ -27,11 +27,12 @@ def test_declared_properties(name: str) -> None:
     m = get_method(name)
     assert name in method_names() and m.name == name and m.summary
     assert m.optimizers == ALLOWED[name]
-    assert m.uses_reference is (name in ("agem", "ewc"))
-    assert m.sign_reference is False and m.baseline is False and m.fixed_setting is None
+    assert m.uses_reference is (name in ("agem", "ewc", "cnl-lora"))
+    assert m.sign_reference is (name == "cnl-lora") and m.baseline is False and m.fixed_setting is None
     assert m.updates_in_backward is (name != "agem")
     assert set(m.defaults) <= set(TrainConfig.__dataclass_fields__)
-    assert m.supports_sharding is (name != "mofo")  # MoFO's top-k needs whole tensors
+    # MoFO's top-k: whole tensors; ASFT: a model copy; osf, cnl-lora: PEFT under FSDP2 is not wired up
+    assert m.supports_sharding is (name not in ("mofo", "asft", "osf", "cnl-lora"))
     for optimizer in m.optimizers:
         validate_train_config(train_config(method=name, optimizer=optimizer))
 
@@ -71,6 +72,10 @@ EXTRA = {
     "agem": [],
     "ewc": ["--ewc-lambda", "1", "--ewc-fisher", "once"],
     "l2": ["--l2-alpha", "10"],
+    "freeze": ["--freeze-top", "1", "--freeze-bottom", "0"],
+    "asft": ["--asft-kl-weight", "0.5"],
+    "osf": ["--osf-effective-rank", "0.25"],
+    "cnl-lora": ["--cnl-lora-r", "4"],
 }
 #: What run.json's config records of those flags: the method's own section.
 EXTRA_FIELDS = {
@@ -79,6 +84,10 @@ EXTRA_FIELDS = {
     "agem": {},
     "ewc": {"lambda": 1.0, "fisher": "once"},
     "l2": {"alpha": 10.0},
+    "freeze": {"top": 1, "bottom": 0, "embeddings": True},
+    "asft": {"kl_weight": 0.5, "kl_direction": "forward"},
+    "osf": {"effective_rank": 0.25, "rank_growth": 0.2},
+    "cnl-lora": {"r": 4, "alpha": 32},
 }
 OOD = [
     ("mofo", "momentum", "ood-correct"),
@@ -113,7 +122,7 @@ def test_cli_runs_every_new_method(
         assert resolved[method][k] == v
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
         (row,) = list(csv.DictReader(f))
-    assert (float(row["masked_fraction"]) > 0) is (method in ("mofo", "hft"))
+    assert (float(row["masked_fraction"]) > 0) is (method in ("mofo", "hft", "cnl-lora"))
 
 
 def test_cli_refuses_sgd_for_mofo(
@@ -130,7 +139,8 @@ def test_cli_refuses_sgd_for_mofo(
 def test_cli_train_help_shows_the_new_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--mofo-fraction", "--hft-redraw", "--ewc-lambda", "--ewc-fisher", "--l2-alpha"):
+    for flag in ("--mofo-fraction", "--hft-redraw", "--ewc-lambda", "--ewc-fisher", "--l2-alpha", "--osf-rank-growth",
+                 "--cnl-lora-r"):  # fmt: skip
         assert flag in text
 
 

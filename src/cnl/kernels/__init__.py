@@ -110,3 +110,88 @@ def adam(
         int(bool(weight_decay)),
     ]
     return backend.run("cnl_adam", param.numel(), [param, grad, m, v, data], storage, scalars)
+
+
+# ------------------------------------------------------------------------------- MoFO's top fraction (CPU)
+#: Rungs of :func:`moment_ladder`'s threshold ladder.
+LADDER = 8
+
+
+def band_available(param: torch.Tensor, grad: torch.Tensor, *state: torch.Tensor) -> bool:
+    """Whether the band kernels (MoFO's exact top fraction in two passes) can update ``param``: the CPU kernels,
+    and positions that fit in int32."""
+    return param.device.type == "cpu" and param.numel() < 2**31 and available(param, grad, *state)
+
+
+def moment_ladder(
+    grad: torch.Tensor, mom: torch.Tensor, ladder: list[float], *, adam: bool, beta: float, first: bool = False
+) -> list[int]:
+    """For each rung t of ``ladder`` (:data:`LADDER` increasing thresholds), how many elements will have
+    |first moment| >= t after this step (Adam: ``mom`` is m, ``beta`` β1; momentum: ``mom`` is v, ``beta`` μ,
+    ``first`` the first step); nothing is written."""
+    from . import cpu
+
+    return cpu.moment_ladder(grad, mom, 1 if adam else 2, beta, 1 - beta, first, ladder)
+
+
+def adam_band(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    weight_decay: float,
+    lo: float,
+    hi: float,
+    listed: int,
+) -> tuple[int, torch.Tensor] | None:
+    """Adam(W)'s fused step (moments from every element) where only elements with |new m| >= ``hi`` move;
+    those with ``lo`` <= |m| < ``hi`` (at most ``listed``) are returned unmoved for :func:`adam_settle`.
+    ``(moved, positions)``, or None when more than ``listed`` fell in the band."""
+    from . import cpu
+
+    scalars = [-lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, weight_decay]
+    return cpu.band("cnl_adam_band", [param, grad, m, v], [*scalars, int(bool(weight_decay))], lo, hi, listed)
+
+
+def adam_settle(
+    param: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    threshold: float,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    weight_decay: float,
+) -> int:
+    """Move the elements at ``idx`` (left by :func:`adam_band`) whose |m| >= ``threshold``; how many moved."""
+    from . import cpu
+
+    scalars = [-lr, 1 - beta1**step, 1 - beta2**step, eps, weight_decay, int(bool(weight_decay)), threshold]
+    return cpu.settle("cnl_adam_settle", [param, m, v], idx, scalars)
+
+
+def momentum_band(
+    param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, *, lr: float, mu: float, first: bool, lo: float,
+    hi: float, listed: int,
+) -> tuple[int, torch.Tensor] | None:  # fmt: skip
+    """Momentum's fused step with the band of :func:`adam_band` on |new v|."""
+    from . import cpu
+
+    return cpu.band("cnl_momentum_band", [param, grad, v], [-lr, mu, int(first)], lo, hi, listed)
+
+
+def momentum_settle(param: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, threshold: float, *, lr: float) -> int:
+    """Move the elements at ``idx`` (left by :func:`momentum_band`) whose |v| >= ``threshold``."""
+    from . import cpu
+
+    return cpu.settle("cnl_momentum_settle", [param, v], idx, [-lr, threshold])

@@ -198,3 +198,153 @@ int64_t cnl_adam(float* theta, const float* grad, float* m, float* v, const void
     leave(csr, old);
     return n;
 }
+
+/* ---- MoFO: the top fraction of a tensor by |first moment|, found exactly in two passes ----------------
+ *
+ * Pass 1 (cnl_moment_ladder) computes each element's new first moment exactly as the update will (Adam:
+ * fmaf(g, 1 - beta1, m * beta1); momentum: v * mu + g, or g on the first step), without writing it, and
+ * counts how many have |moment| >= t[j] for a ladder of LADDER thresholds (counts[j]). The caller picks the
+ * rung pair [t[j], t[j+1]) that holds the k-th largest |moment|. Pass 2 (cnl_adam_band, cnl_momentum_band) is
+ * the fused update with the CNL mask replaced by a band: an element moves when |moment| >= hi, stays when
+ * |moment| < lo, and is left unmoved and listed (idx) when lo <= |moment| < hi, for the caller to settle
+ * with the exact k-th value (few elements). Unmoved elements go through fmaf(0, -lr, theta) like a frozen
+ * element of the eager rule. A 256-element block is rescanned for its band members only when it has any. */
+#define LADDER 8
+#define LADDER_BLOCK 1024
+#define BAND_BLOCK 256
+
+/* counts[j] += #(|x| >= t[j]) over a block of new moments x (each element against every rung) */
+static inline void ladder_block(const float* restrict x, int64_t len, const float* restrict t, int64_t* counts) {
+    int32_t c[LADDER] = {0};
+    for (int64_t e = 0; e < len; e++) {
+        const float a = fabsf(x[e]);
+        for (int j = 0; j < LADDER; j++) c[j] += a >= t[j];
+    }
+    for (int j = 0; j < LADDER; j++) counts[j] += c[j];
+}
+
+int64_t cnl_moment_ladder(const float* restrict grad, const float* restrict mom, int64_t start, int64_t stop,
+                          int kind, float a1, float b1, int first, const float* restrict t, int64_t* counts,
+                          uint32_t csr) {
+    uint32_t old = enter(csr);
+    int64_t total[LADDER] = {0};
+    float x[LADDER_BLOCK];
+    for (int64_t i = start; i < stop; i += LADDER_BLOCK) {
+        const int64_t len = i + LADDER_BLOCK < stop ? LADDER_BLOCK : stop - i;
+        const float* restrict g = grad + i;
+        const float* restrict mo = mom + i;
+        /* kind 1 (Adam): a1 = beta1, b1 = 1 - beta1; kind 2 (momentum): a1 = mu */
+        if (kind == 1)
+            for (int64_t e = 0; e < len; e++) x[e] = fmaf(g[e], b1, mo[e] * a1);
+        else if (first)
+            for (int64_t e = 0; e < len; e++) x[e] = g[e];
+        else
+            for (int64_t e = 0; e < len; e++) x[e] = mo[e] * a1 + g[e];
+        ladder_block(x, len, t, total);
+    }
+    for (int j = 0; j < LADDER; j++) counts[j] = total[j];
+    leave(csr, old);
+    return 0;
+}
+
+#define BAND_STEP(e, u, a)                                   \
+    {                                                        \
+        const int mv = (a) >= hi;                            \
+        any |= ((a) >= lo) & !mv;                            \
+        moved += mv;                                         \
+        theta[e] = fmaf(mv ? (u) : 0.0f, neg_lr, theta[e]);  \
+    }
+
+#define BAND_LIST(ABS_AT)                                                   \
+    if (any) {                                                              \
+        for (int64_t e = i; e < end; e++) {                                 \
+            const float a = ABS_AT(e);                                      \
+            if (a >= lo && a < hi) {                                        \
+                if (n_idx < cap) idx[n_idx] = e;                            \
+                n_idx++;                                                    \
+            }                                                               \
+        }                                                                   \
+    }
+
+#define ABS_M(e) fabsf(m[e])
+#define ABS_V(e) fabsf(v[e])
+
+/* the band update's loop over 256-element blocks: BODY(e) computes u and the moment a of element e and ends with
+ * BAND_STEP; a block with band members is rescanned (ABS_AT: |moment| of an element, as stored) to list them */
+#define BAND_LOOPS(BODY, ABS_AT)                                       \
+    uint32_t old = enter(csr);                                         \
+    int64_t n_idx = 0, moved_total = 0;                                \
+    for (int64_t i = start; i < stop; i += BAND_BLOCK) {               \
+        const int64_t end = i + BAND_BLOCK < stop ? i + BAND_BLOCK : stop; \
+        int any = 0;                                                   \
+        int32_t moved = 0;                                             \
+        for (int64_t e = i; e < end; e++) BODY(e)                      \
+        moved_total += moved;                                          \
+        BAND_LIST(ABS_AT)                                              \
+    }                                                                  \
+    out[0] = moved_total;                                              \
+    leave(csr, old);                                                   \
+    return n_idx;
+
+/* returns the number of listed (band) elements; out[0]: how many moved */
+int64_t cnl_adam_band(float* restrict theta, const float* restrict grad, float* restrict m, float* restrict v,
+                      int32_t* restrict idx, int64_t cap, int64_t start, int64_t stop, float neg_lr, float beta1,
+                      float one_minus_beta1, float beta2, float one_minus_beta2, float bc1, float bc2, float eps,
+                      float wd, int decay, float lo, float hi, int64_t* out, uint32_t csr) {
+#define ADAM_BAND_BODY(e)                                            \
+    {                                                                \
+        const float g = grad[e];                                     \
+        const float mm = fmaf(g, one_minus_beta1, m[e] * beta1);     \
+        const float vv = fmaf(one_minus_beta2 * g, g, v[e] * beta2); \
+        m[e] = mm;                                                   \
+        v[e] = vv;                                                   \
+        const float denom = sqrtf(vv / bc2) + eps;                   \
+        const float plain = (mm / bc1) / denom;                      \
+        const float u = decay ? fmaf(theta[e], wd, plain) : plain;   \
+        const float a = fabsf(mm);                                   \
+        BAND_STEP(e, u, a)                                           \
+    }
+    BAND_LOOPS(ADAM_BAND_BODY, ABS_M)
+}
+
+int64_t cnl_momentum_band(float* restrict theta, const float* restrict grad, float* restrict v, int32_t* restrict idx,
+                          int64_t cap, int64_t start, int64_t stop, float neg_lr, float mu, int first, float lo,
+                          float hi, int64_t* out, uint32_t csr) {
+#define MOMENTUM_BAND_BODY(e)                       \
+    {                                               \
+        const float g = grad[e];                    \
+        const float u = first ? g : v[e] * mu + g;  \
+        v[e] = u;                                   \
+        const float a = fabsf(u);                   \
+        BAND_STEP(e, u, a)                          \
+    }
+    BAND_LOOPS(MOMENTUM_BAND_BODY, ABS_V)
+}
+
+/* settle the listed band elements: move those with |moment| >= thr (the exact k-th largest); returns how many */
+int64_t cnl_adam_settle(float* theta, const float* m, const float* v, const int32_t* idx, int64_t count,
+                        float neg_lr, float bc1, float bc2, float eps, float wd, int decay, float thr) {
+    int64_t moved = 0;
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t e = idx[j];
+        if (!(fabsf(m[e]) >= thr)) continue;
+        const float denom = sqrtf(v[e] / bc2) + eps;
+        const float plain = (m[e] / bc1) / denom;
+        const float u = decay ? fmaf(theta[e], wd, plain) : plain;
+        theta[e] = fmaf(u, neg_lr, theta[e]);
+        moved++;
+    }
+    return moved;
+}
+
+int64_t cnl_momentum_settle(float* theta, const float* v, const int32_t* idx, int64_t count, float neg_lr,
+                            float thr) {
+    int64_t moved = 0;
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t e = idx[j];
+        if (!(fabsf(v[e]) >= thr)) continue;
+        theta[e] = fmaf(v[e], neg_lr, theta[e]);
+        moved++;
+    }
+    return moved;
+}

@@ -91,7 +91,14 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cnl_sgd": [_p, _p, _p, _i, _i64, _i64, _f, _u32],
     "cnl_momentum": [_p, _p, _p, _p, _i, _i64, _i64, _f, _f, _i, _u32],
     "cnl_adam": [_p, _p, _p, _p, _p, _i, _i64, _i64, _f, _f, _f, _f, _f, _f, _f, _f, _f, _i, _u32],
+    "cnl_moment_ladder": [_p, _p, _i64, _i64, _i, _f, _f, _i, _p, _p, _u32],
+    "cnl_adam_band": [_p, _p, _p, _p, _p, _i64, _i64, _i64, *[_f] * 9, _i, _f, _f, _p, _u32],
+    "cnl_momentum_band": [_p, _p, _p, _p, _i64, _i64, _i64, _f, _f, _i, _f, _f, _p, _u32],
+    "cnl_adam_settle": [_p, _p, _p, _p, _i64, _f, _f, _f, _f, _f, _i, _f],
+    "cnl_momentum_settle": [_p, _p, _p, _i64, _f, _f],
 }
+#: Rungs of the threshold ladder of ``cnl_moment_ladder`` (LADDER in cpu.c).
+LADDER = 8
 
 
 class _Unavailable(Exception):
@@ -340,14 +347,70 @@ def run(name: str, n: int, tensors: list[torch.Tensor | None], storage: int, sca
     assert lib is not None
     fn = getattr(lib, name)
     pointers = [0 if t is None else t.data_ptr() for t in tensors] + [storage]
+    return sum(_in_ranges(lib, n, lambda r, a, b, csr: fn(*pointers, a, b, *scalars, csr)))
+
+
+def _in_ranges(lib: ctypes.CDLL, n: int, call: Any) -> list[int]:
+    """``call(r, start, stop, csr)`` for each range r of ``n`` elements (one range below the parallel threshold
+    or with one thread; else one per worker, on block boundaries, run by the pool and the caller); the results
+    in range order."""
     workers = max(1, torch.get_num_threads())
     threshold = PARALLEL_MIN_IN_BACKWARD if getattr(_local, "in_backward", False) else PARALLEL_MIN
     if n < threshold or workers == 1:
-        return int(fn(*pointers, 0, n, *scalars, 0))
+        return [int(call(0, 0, n, 0))]
     csr = lib.cnl_get_csr()
     per = -(-n // workers)
     per = -(-per // BLOCK) * BLOCK
     ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
-    futures = [_pool(workers).submit(fn, *pointers, a, b, *scalars, csr) for a, b in ranges[1:]]
-    frozen = int(fn(*pointers, *ranges[0], *scalars, 0))  # the caller takes the first range itself
-    return frozen + sum(int(f.result()) for f in futures)
+    futures = [_pool(workers).submit(call, r, a, b, csr) for r, (a, b) in enumerate(ranges) if r]
+    first = int(call(0, *ranges[0], 0))  # the caller takes the first range itself
+    return [first, *(int(f.result()) for f in futures)]
+
+
+# ------------------------------------------------------------------------------- MoFO's top fraction
+def moment_ladder(grad: torch.Tensor, mom: torch.Tensor, kind: int, a1: float, b1: float, first: bool,
+                  ladder: list[float]) -> list[int]:
+    """How many elements have |new first moment| >= each rung of ``ladder`` (``cnl_moment_ladder``)."""
+    lib = library()
+    assert lib is not None and len(ladder) == LADDER
+    t = torch.tensor(ladder, dtype=torch.float32)
+    parts: list[torch.Tensor] = []
+
+    def call(r: int, a: int, b: int, csr: int) -> int:
+        return lib.cnl_moment_ladder(grad.data_ptr(), mom.data_ptr(), a, b, kind, a1, b1, int(first),
+                                     t.data_ptr(), parts[r].data_ptr(), csr)  # fmt: skip
+
+    parts.extend(torch.zeros(LADDER, dtype=torch.int64) for _ in range(max(1, torch.get_num_threads())))
+    _in_ranges(lib, grad.numel(), call)
+    return [int(c) for c in torch.stack(parts).sum(0)]
+
+
+def band(name: str, tensors: list[torch.Tensor], scalars: list[Any], lo: float, hi: float,
+         listed: int) -> tuple[int, torch.Tensor] | None:
+    """The fused update with a band (``cnl_adam_band``/``cnl_momentum_band``): ``(moved, listed positions)``, or
+    None when a range listed more than ``listed`` elements (then nothing may be trusted)."""
+    lib = library()
+    assert lib is not None
+    fn = getattr(lib, name)
+    n = tensors[0].numel()
+    pointers = [t.data_ptr() for t in tensors]
+    workers = max(1, torch.get_num_threads())
+    cap = max(1, listed)
+    idx = [torch.empty(cap, dtype=torch.int32) for _ in range(workers)]
+    out = torch.zeros(workers, dtype=torch.int64)
+
+    def call(r: int, a: int, b: int, csr: int) -> int:
+        return fn(*pointers, idx[r].data_ptr(), cap, a, b, *scalars, lo, hi, out[r:].data_ptr(), csr)
+
+    counts = _in_ranges(lib, n, call)
+    if any(c > cap for c in counts):
+        return None
+    return int(out.sum()), torch.cat([idx[r][:c] for r, c in enumerate(counts)])
+
+
+def settle(name: str, tensors: list[torch.Tensor], idx: torch.Tensor, scalars: list[Any]) -> int:
+    """Move the listed band elements at or above the exact threshold (``cnl_*_settle``); how many moved."""
+    lib = library()
+    assert lib is not None
+    fn = getattr(lib, name)
+    return int(fn(*(t.data_ptr() for t in tensors), idx.data_ptr(), idx.numel(), *scalars))

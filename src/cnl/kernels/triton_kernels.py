@@ -4,7 +4,9 @@ Every rounding step of the eager CUDA rules is repeated explicitly: the fmas tha
 perform (``sub_``/``add_`` with alpha, ``addcmul_``) are ``tl.fma``; separate torch operations
 (``mul_`` by a scalar, then ``add_``) stay separate roundings because the kernels are launched with
 ``enable_fp_fusion=False``; division and square root are the IEEE round-to-nearest ones
-(``div_rn``, ``sqrt_rn``), as CUDA's defaults are. The frozen count is accumulated on the device
+(``div_rn``, ``sqrt_rn``), as CUDA's defaults are, except that torch divides a CUDA tensor by a Python
+number as a product with the number's float32 reciprocal (Adam's bias corrections), so the kernel does too.
+The frozen count is accumulated on the device
 (one atomic add per program), so an update never waits for the GPU.
 
 Importing this module needs ``triton``; :mod:`cnl.kernels.gpu` falls back to the eager rules without it.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -75,17 +78,19 @@ def _momentum(
 @triton.jit
 def _adam(
     theta_ptr, grad_ptr, m_ptr, v_ptr, signs_ptr, count_ptr, n, neg_lr, beta1, one_minus_beta1, beta2,
-    one_minus_beta2, bc1, bc2, eps, wd, DECAY: tl.constexpr, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
+    one_minus_beta2, inv_bc1, inv_bc2, eps, wd, DECAY: tl.constexpr, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     mm = tl.fma(g, one_minus_beta1, tl.load(m_ptr + offs, mask=mask, other=0.0) * beta1)
-    vv = tl.fma(one_minus_beta2 * g, g, tl.load(v_ptr + offs, mask=mask, other=0.0) * beta2)
+    # torch's CUDA addcmul_ computes v + value * (g * g) (its CPU kernel: v + (value * g) * g)
+    vv = tl.fma(one_minus_beta2, g * g, tl.load(v_ptr + offs, mask=mask, other=0.0) * beta2)
     tl.store(m_ptr + offs, mm, mask=mask)
     tl.store(v_ptr + offs, vv, mask=mask)
-    denom = tl.sqrt_rn(tl.div_rn(vv, bc2)) + eps
-    u = tl.div_rn(tl.div_rn(mm, bc1), denom)
+    # torch divides a CUDA tensor by a Python number as a product with its float32 reciprocal (run() passes them)
+    denom = tl.sqrt_rn(vv * inv_bc2) + eps
+    u = tl.div_rn(mm * inv_bc1, denom)
     if DECAY:
         u = tl.fma(tl.load(theta_ptr + offs, mask=mask, other=0.0), wd, u)
     _step(theta_ptr, u, signs_ptr, count_ptr, offs, mask, neg_lr, STORAGE)
@@ -106,6 +111,8 @@ def run(name: str, n: int, tensors: list[Any], storage: int, scalars: list[Any])
         _momentum[grid](tensors[0], tensors[1], tensors[2], signs, count, n, neg_lr, mu, FIRST=bool(first), **common)
     elif name == "cnl_adam":
         *floats, decay = scalars
+        for i in (5, 6):  # bc1, bc2 -> their reciprocals, as torch's CUDA division by a scalar computes them
+            floats[i] = float(np.float32(1.0) / np.float32(floats[i]))
         _adam[grid](
             tensors[0], tensors[1], tensors[2], tensors[3], signs, count, n, *floats, DECAY=bool(decay), **common
         )

@@ -14,8 +14,9 @@ this package imports nothing of :mod:`cnl.train`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -29,7 +30,13 @@ if TYPE_CHECKING:
     from ..distributed import Dist
     from ..optim import UpdateHooks
 
-__all__ = ["Method", "MethodOptions", "TrainingContext", "register", "registry", "check_common_options"]
+__all__ = ["Method", "MethodOptions", "TrainingContext", "LossFn", "register", "registry", "check_common_options"]
+
+#: A method's own training objective (:meth:`Method.make_loss`): ``loss_fn(model, batch, pad_id)`` returns
+#: ``(objective, reported)``, two per-question tensors ``[len(batch)]`` of the batch's encoded questions: the
+#: loop back-propagates the objective (the step's sum divided by its question count, as the task loss) and
+#: reports the other (``train_avg_loss``, ``steps.csv``'s loss; checked for non-finite values).
+LossFn = Callable[[torch.nn.Module, Sequence[Any], int], tuple[torch.Tensor, torch.Tensor]]
 
 #: Every registered method by name (filled by :func:`register` as the method modules are imported).
 _REGISTRY: dict[str, Method] = {}
@@ -240,6 +247,13 @@ class Method:
         """Order of the ``n`` training questions, fixed for the whole run (default: file order)."""
         return list(range(n))
 
+    def make_loss(self, cfg: TrainConfig, model: torch.nn.Module) -> LossFn | None:
+        """The run's training objective per question (:data:`LossFn`), made once per run from the prepared model
+        at its start weights (before a checkpoint is restored: what it keeps of them is the original start on
+        ``--resume`` too); None (default): the task loss, SPEC's letter loss or the open-ended answer loss, as
+        the reference gradients use."""
+        return None
+
     def make_hooks(self, cfg: TrainConfig, params: list[tuple[str, torch.nn.Parameter]]) -> UpdateHooks | None:
         """The per-run changes to each update (:class:`~cnl.optim.UpdateHooks`) for the trainable
         ``params`` (by name, each rank's shard under torchrun); None: the rule alone."""
@@ -248,7 +262,17 @@ class Method:
     def begin_epoch(self, ctx: TrainingContext, epoch: int) -> None:
         """Per-epoch preparation after the sign reference (A-GEM's mean gradient, EWC's Fisher, HFT's draw)."""
 
+    def evaluation_weights(self, ctx: TrainingContext) -> contextlib.AbstractContextManager[None]:
+        """The weights each epoch is evaluated with and ``--save-model`` saves: those in place while the loop is
+        inside this context (WiSE-FT's interpolation with the start weights); on exit the training weights must
+        be back bit for bit, as training continues from them. The default leaves the trained weights."""
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ cnl continual: one round to the next
+    def round_config(self, cfg: TrainConfig, k: int) -> None:
+        """Adapt round ``k``'s (1, 2, ...) checked configuration before the round is planned and recorded (OSF's
+        preserved share growing round by round); the default changes nothing."""
+
     def round_begin(self, hooks: UpdateHooks, carried: dict[str, Any], cfg: TrainConfig) -> None:
         """Take the state :meth:`round_end` carried from the previous round (the method's continual form:
         online EWC's accumulated Fisher, L2-SP's original anchor); the default carries nothing."""
