@@ -368,8 +368,9 @@ def _in_ranges(lib: ctypes.CDLL, n: int, call: Any) -> list[int]:
 
 
 # ------------------------------------------------------------------------------- MoFO's top fraction
-def moment_ladder(grad: torch.Tensor, mom: torch.Tensor, kind: int, a1: float, b1: float, first: bool,
-                  ladder: list[float]) -> list[int]:
+def moment_ladder(
+    grad: torch.Tensor, mom: torch.Tensor, kind: int, a1: float, b1: float, first: bool, ladder: list[float]
+) -> list[int]:
     """How many elements have |new first moment| >= each rung of ``ladder`` (``cnl_moment_ladder``)."""
     lib = library()
     assert lib is not None and len(ladder) == LADDER
@@ -385,8 +386,9 @@ def moment_ladder(grad: torch.Tensor, mom: torch.Tensor, kind: int, a1: float, b
     return [int(c) for c in torch.stack(parts).sum(0)]
 
 
-def band(name: str, tensors: list[torch.Tensor], scalars: list[Any], lo: float, hi: float,
-         listed: int) -> tuple[int, torch.Tensor] | None:
+def band(
+    name: str, tensors: list[torch.Tensor], scalars: list[Any], lo: float, hi: float, listed: int
+) -> tuple[int, torch.Tensor] | None:
     """The fused update with a band (``cnl_adam_band``/``cnl_momentum_band``): ``(moved, listed positions)``, or
     None when a range listed more than ``listed`` elements (then nothing may be trusted)."""
     lib = library()
