@@ -531,6 +531,10 @@ def test_cli_report_budget(ft_cnl: tuple[Path, Path], tmp_path: Path, capsys: py
     assert rep["budget"]["seconds"] == 29.0
     assert [(r["run"], r["epoch"]) for r in rep["budget"]["rows"]] == [("ft-sgd", 2), ("cnl-sgd", 3)]
     assert "## At equal wall time" in (out / "report.md").read_text(encoding="utf-8")
+    printed = capsys.readouterr().out  # the terminal table shows the cost too
+    assert "s/epoch" in printed and "peak GiB" in printed and "method B/param" in printed
+    per_epoch = {r["run"]: r["mean_epoch_seconds"] for r in rep["rows"]}
+    assert f"{per_epoch['cnl-sgd']:.1f}" in printed
 
     code = run_cli(["report", *map(str, ft_cnl), "--out", str(tmp_path / "auto"), "--budget", "auto"])
     assert code == 0

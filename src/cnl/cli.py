@@ -689,7 +689,7 @@ def _print_continual_report(report: dict) -> None:
 
 
 def _print_report(report: dict) -> None:
-    from .report import status_text
+    from .report import format_or_na, status_text
 
     incomplete = any(r["status"] != "finished" for r in report["rows"])  # the column only when it says something
     rows = []
@@ -703,10 +703,14 @@ def _print_report(report: dict) -> None:
                 f"{r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%)",
                 f"{r['best_epoch']}: {r['best_learned']} / {r['best_forgotten']}",
                 "baseline" if r["is_baseline"] else ("-" if red is None else f"{red:.1f}%"),
+                format_or_na(r.get("mean_epoch_seconds"), ".1f"),
+                format_or_na(r.get("peak_memory_gib"), ".2f"),
+                format_or_na(r.get("method_bytes_per_param"), "g"),
                 *([status_text(r)] if incomplete else []),
             ]
         )
-    header = ["run", "method", "learned", "forgotten", "best epoch: learned/forgotten", "forgetting cut vs ft"]
+    header = ["run", "method", "learned", "forgotten", "best epoch: learned/forgotten", "forgetting cut vs ft",
+              "s/epoch", "peak GiB", "method B/param"]  # fmt: skip
     print_table([*header, *(["status"] if incomplete else [])], rows)
 
 

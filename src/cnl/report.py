@@ -439,8 +439,9 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
             f"| {r['final_forgotten']} ({r['final_forgotten_pct']:.1f}%) "
             f"| {r['best_epoch']} | {r['best_learned']} ({r['best_learned_pct']:.1f}%) "
             f"| {r['best_forgotten']} ({r['best_forgotten_pct']:.1f}%) | {red_s} |"
-            + "".join(f" {_num(r.get(f'mean_{phase}_seconds'), '.1f')} |" for phase in PHASES)
-            + f" {_num(r.get('peak_memory_gib'), '.2f')} | {_num(r.get('method_bytes_per_param'), 'g')} |"
+            + "".join(f" {format_or_na(r.get(f'mean_{phase}_seconds'), '.1f')} |" for phase in PHASES)
+            + f" {format_or_na(r.get('peak_memory_gib'), '.2f')} |"
+            + f" {format_or_na(r.get('method_bytes_per_param'), 'g')} |"
             + ((f" {gen:.1%} |" if gen is not None else " - |") if general else "")
             + ((f" {r['final_kl_drift']:.4f} |" if r["final_kl_drift"] is not None else " - |") if kl else "")
             + (f" {r['reference']} |" if references else "")
@@ -493,7 +494,7 @@ def render_markdown(report: dict[str, Any], figure: str | None = "curves.png") -
     return "\n".join(lines) + "\n"
 
 
-def _num(value: float | None, spec: str) -> str:
+def format_or_na(value: float | None, spec: str) -> str:
     """``value`` formatted by ``spec``, or ``n.a.`` when the run does not record it."""
     return "n.a." if value is None else format(value, spec)
 

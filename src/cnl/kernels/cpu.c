@@ -215,12 +215,29 @@ int64_t cnl_adam(float* theta, const float* grad, float* m, float* v, const void
 
 /* counts[j] += #(|x| >= t[j]) over a block of new moments x (each element against every rung) */
 static inline void ladder_block(const float* restrict x, int64_t len, const float* restrict t, int64_t* counts) {
-    int32_t c[LADDER] = {0};
+    /* one loop over the elements with a counter per rung, written out so that the compiler vectorizes the
+     * elements (not the 8 rungs) */
+    const float t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3], t4 = t[4], t5 = t[5], t6 = t[6], t7 = t[7];
+    int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0, c7 = 0;
     for (int64_t e = 0; e < len; e++) {
         const float a = fabsf(x[e]);
-        for (int j = 0; j < LADDER; j++) c[j] += a >= t[j];
+        c0 += a >= t0;
+        c1 += a >= t1;
+        c2 += a >= t2;
+        c3 += a >= t3;
+        c4 += a >= t4;
+        c5 += a >= t5;
+        c6 += a >= t6;
+        c7 += a >= t7;
     }
-    for (int j = 0; j < LADDER; j++) counts[j] += c[j];
+    counts[0] += c0;
+    counts[1] += c1;
+    counts[2] += c2;
+    counts[3] += c3;
+    counts[4] += c4;
+    counts[5] += c5;
+    counts[6] += c6;
+    counts[7] += c7;
 }
 
 int64_t cnl_moment_ladder(const float* restrict grad, const float* restrict mom, int64_t start, int64_t stop,

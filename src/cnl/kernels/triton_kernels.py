@@ -5,7 +5,8 @@ perform (``sub_``/``add_`` with alpha, ``addcmul_``) are ``tl.fma``; separate to
 (``mul_`` by a scalar, then ``add_``) stay separate roundings because the kernels are launched with
 ``enable_fp_fusion=False``; division and square root are the IEEE round-to-nearest ones
 (``div_rn``, ``sqrt_rn``), as CUDA's defaults are, except that torch divides a CUDA tensor by a Python
-number as a product with the number's float32 reciprocal (Adam's bias corrections), so the kernel does too.
+number as a product with the number's reciprocal (computed in double, rounded to float32: Adam's bias
+corrections), so the kernel does too.
 The frozen count is accumulated on the device
 (one atomic add per program), so an update never waits for the GPU.
 
@@ -111,8 +112,8 @@ def run(name: str, n: int, tensors: list[Any], storage: int, scalars: list[Any])
         _momentum[grid](tensors[0], tensors[1], tensors[2], signs, count, n, neg_lr, mu, FIRST=bool(first), **common)
     elif name == "cnl_adam":
         *floats, decay = scalars
-        for i in (5, 6):  # bc1, bc2 -> their reciprocals, as torch's CUDA division by a scalar computes them
-            floats[i] = float(np.float32(1.0) / np.float32(floats[i]))
+        for i in (5, 6):  # bc1, bc2 -> their reciprocals as torch's CUDA division by a number takes them:
+            floats[i] = float(np.float32(1.0 / floats[i]))  # 1/b in double, rounded once to float32
         _adam[grid](
             tensors[0], tensors[1], tensors[2], tensors[3], signs, count, n, *floats, DECAY=bool(decay), **common
         )
