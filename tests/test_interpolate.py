@@ -426,6 +426,9 @@ def test_points_of_an_earlier_final_epoch_and_given_points_are_not_doubled(run: 
     given = [load_run_record(run), load_run_record(run / "wise" / "alpha_0.5")]
     assert [r.name for r in with_wise_points(given)] == ["ft", "ft wise α=0.5"]
     assert [r["run"] for r in build_report(with_wise_points(given))["rows"]] == ["ft", "ft wise α=0.5"]
+    # at equal wall time a point (no training of its own) is left out
+    budget = build_report(with_wise_points(given), budget="auto")["budget"]
+    assert [r["run"] for r in budget["rows"]] == ["ft"]
 
 
 # ------------------------------------------------------------------------------------------------ the command line

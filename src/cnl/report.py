@@ -154,7 +154,8 @@ def parse_budget(value: str | float) -> float | str:
 def budget_table(runs: list[RunRecord], budget: str | float) -> dict[str, Any]:
     """Each run at equal wall time: the epoch whose cumulative ``epoch_seconds`` is closest to the budget (the
     earlier on a tie), its cumulative seconds and its learned and forgotten counts. ``auto``: the smallest total
-    wall time among the runs. Runs that record no epoch times (WiSE-FT points, older runs) get no epoch."""
+    wall time among the runs. Runs that record no epoch times (older runs) get no epoch; WiSE-FT points (no
+    training: their cost is their source run's) are left out."""
     budget = parse_budget(budget)
     timed = [r for r in runs if "epoch" in r.seconds and r.wise_source is None]
     if budget == "auto":
@@ -165,6 +166,8 @@ def budget_table(runs: list[RunRecord], budget: str | float) -> dict[str, Any]:
         seconds = float(budget)
     rows = []
     for r in runs:
+        if r.wise_source is not None:
+            continue
         row: dict[str, Any] = {"run": r.name, "epoch": None, "cumulative_seconds": None}
         if any(r is t for t in timed):
             cumulative, total = [], 0.0
@@ -332,6 +335,16 @@ def pareto_points(runs: list[RunRecord]) -> list[dict[str, Any]]:
     return points
 
 
+def run_style(i: int) -> dict[str, Any]:
+    """Colour and marker of the i-th run in a figure: tab10's colours, then tab20's lighter ones, with another
+    marker each round, so that up to 20 runs (every method and more) stay apart."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colour = tab20[2 * (i % 10) + (i // 10) % 2]
+    return {"color": colour, "marker": "os^vDP"[(i // 10) % 6]}
+
+
 def plot_pareto(report: dict[str, Any], path: str | Path) -> Any:
     """Learned (x) against forgotten (y), in percent, one point per method and epoch; the front marked; each run's
     WiSE-FT points as a dotted curve in its colour, in α order, labelled with α."""
@@ -344,12 +357,12 @@ def plot_pareto(report: dict[str, Any], path: str | Path) -> Any:
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     status = {r["run"]: r["status"] for r in report["rows"]}
     colours: dict[str, Any] = {}
-    for run in dict.fromkeys(p["run"] for p in points if p.get("source") is None):
+    for i, run in enumerate(dict.fromkeys(p["run"] for p in points if p.get("source") is None)):
         mine = [p for p in points if p["run"] == run]
         xs, ys = [p["learned_pct"] for p in mine], [p["forgotten_pct"] for p in mine]
         done = all(p["complete"] for p in mine)
         label = run if done else f"{run} ({status.get(run, 'incomplete')})"
-        (line,) = ax.plot(xs, ys, marker="o", ms=5, lw=0.8, alpha=0.8, ls="-" if done else "--", label=label)
+        (line,) = ax.plot(xs, ys, ms=5, lw=0.8, alpha=0.8, ls="-" if done else "--", label=label, **run_style(i))
         colours[run] = line.get_color()
         for p in mine:
             ax.annotate(str(p["epoch"]), (p["learned_pct"], p["forgotten_pct"]), fontsize=7,
@@ -555,14 +568,14 @@ def plot_curves(runs: list[RunRecord], path: str | Path) -> Any:
     # in percent of each run's own set, as the report compares them; counts would mislead.
     mixed = len({_forget_key(r) for r in runs}) > 1
     fig, (ax_l, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for r in runs:
-        style = {"marker": "o", "ms": 3, "ls": "-" if r.complete else "--"}
+    for i, r in enumerate(runs):
+        style = {"ms": 3, "ls": "-" if r.complete else "--", **run_style(i)}
         state = "" if r.complete else f", {r.status}"
-        (line,) = ax_l.plot(r.epochs, r.learned, label=f"{r.name} ({r.label}{state})", **style)
+        ax_l.plot(r.epochs, r.learned, label=f"{r.name} ({r.label}{state})", **style)
         total = r.info["forget_total"]
         forgotten = [100.0 * f / total if total else 0.0 for f in r.forgotten] if mixed else r.forgotten
         suffix = f", of {r.info['forget_set']}" if mixed else ""
-        ax_f.plot(r.epochs, forgotten, color=line.get_color(), label=f"{r.name} ({r.label}{suffix}{state})", **style)
+        ax_f.plot(r.epochs, forgotten, label=f"{r.name} ({r.label}{suffix}{state})", **style)
     info = runs[0].info
     ax_l.set_title(f"learned: {info['learn_set']} answered correctly (of {info['learn_total']})")
     if mixed:
