@@ -1010,8 +1010,9 @@ def test_a_runs_checkpoint_and_a_masked_optimizer_load_into_each_other(tmp_path,
         ({"method": "cnl", "sign_storage": "bits"}, lambda n, e: None),  # 2 bits per parameter, in 64-byte blocks
         ({"method": "l2"}, lambda n, e: 4.0),  # a float32 copy of the start weights
         ({"method": "asft"}, lambda n, e: 4.0 + e / n),  # a float32 copy of the whole model (its buffers too)
+        ({"method": "lora"}, lambda n, e: "lora"),  # the adapters: r (in + out) float32 numbers per target
     ],
-    ids=["ft", "cnl-int8", "cnl-bits", "l2", "asft"],
+    ids=["ft", "cnl-int8", "cnl-bits", "l2", "asft", "lora"],
 )
 def test_run_json_records_the_bytes_per_parameter_the_method_holds(
     tmp_path: Path, options: dict[str, object], expected: Callable[[int, int], float | None]
@@ -1038,4 +1039,8 @@ def test_run_json_records_the_bytes_per_parameter_the_method_holds(
     if want is None:  # bits: a 64-byte block per 256 elements of each tensor
         blocks = sum(-(-p.numel() // 256) for p in model.parameters())
         want = round(64 * blocks / n, 4)
+    if want == "lora":  # r = 16 on every attention and MLP projection
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        linear = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+        want = sum(16 * (m.in_features + m.out_features) * 4 for m in linear) / n
     assert held == pytest.approx(want, abs=1e-4)

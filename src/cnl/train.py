@@ -625,6 +625,8 @@ class Run:
     probe: Any = None
     #: The method's own training objective (:meth:`Method.make_loss`; None: the task loss).
     loss_fn: LossFn | None = None
+    #: Bytes per parameter that :meth:`Method.prepare_model` added to the model (adapters, OSF's factors).
+    model_growth_per_param: float = 0.0
 
     @property
     def cfg(self) -> TrainConfig:
@@ -759,7 +761,11 @@ def load(
         from .drift import DriftProbe
 
         probe = DriftProbe(loaded.model, hf_examples(encoder, plan.probe_rows), batch_size=cfg.eval_batch_size)
+    base_params = sum(p.numel() for p in loaded.model.parameters())
+    base_bytes = _tensor_bytes(loaded.model)
     model = plan.method.prepare_model(loaded.model, cfg)
+    # what preparing the model added (adapters; OSF's factors and their frozen start), per parameter of the model
+    growth = max(0, _tensor_bytes(model) - base_bytes) / base_params if base_params else 0.0
     if plan.dist.enabled:
         from .distributed import shard
 
@@ -807,6 +813,7 @@ def load(
         say=say,
         probe=probe,
         loss_fn=loss_fn,
+        model_growth_per_param=growth,
     )
 
 
@@ -1134,14 +1141,16 @@ def _tensor_bytes(value: Any, exclude: Iterable[torch.Tensor] = ()) -> int:
 
 
 def method_bytes_per_param(run: Run) -> float:
-    """What the method holds beyond the weights, the gradient and the optimizer's state, per model parameter
-    (this process's share): CNL's reference signs, the tensors of its hooks (EWC's Fisher and anchor, L2-SP's
-    anchor, A-GEM's reference gradient, WiSE's start weights) and its loss's (ASFT's frozen copy of the model)."""
+    """What the method holds beyond the model's own weights, the gradient and the optimizer's state, per parameter
+    of the model as loaded (this process's share): what preparing the model added (LoRA's adapters, OSF's
+    trainable factors and their frozen start), CNL's reference signs, the tensors of its hooks (EWC's Fisher and
+    anchor, L2-SP's anchor, A-GEM's reference gradient, WiSE's start weights) and its loss's (ASFT's frozen copy
+    of the model)."""
     weights = list(run.model.parameters())
     held = run.optimizer.reference.nbytes() if run.optimizer.reference is not None else 0
     held += _tensor_bytes([run.hooks, run.loss_fn], exclude=weights)
     n = sum(local(p).numel() for p in weights)
-    return round(held / n, 4) if n else 0.0
+    return round(run.model_growth_per_param + (held / n if n else 0.0), 4)
 
 
 def _check_finite(run: Run, epoch: int) -> None:
