@@ -97,19 +97,15 @@ def adam(
     """Adam(W) moments from the unmasked g, u = m̂/(√v̂+ε) (+ λθ), masked step; returns the frozen count."""
     backend = _backend(param.device)
     data, storage = _signs(signs)
-    scalars = [
-        -lr,
-        beta1,
-        1 - beta1,
-        beta2,
-        1 - beta2,
-        1 - beta1**step,
-        1 - beta2**step,
-        eps,
-        weight_decay,
-        int(bool(weight_decay)),
-    ]
+    scalars = _adam_scalars(lr, beta1, beta2, eps, step, weight_decay)
     return backend.run("cnl_adam", param.numel(), [param, grad, m, v, data], storage, scalars)
+
+
+def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float, step: int, weight_decay: float) -> list[Any]:
+    """The scalar arguments of ``cnl_adam`` (and ``cnl_adam_band``): −lr, β1, 1−β1, β2, 1−β2, the two bias
+    corrections, ε, λ and whether to decay."""
+    return [-lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, weight_decay,
+            int(bool(weight_decay))]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- MoFO's top fraction (CPU)
@@ -155,8 +151,8 @@ def adam_band(
     ``(moved, positions)``, or None when more than ``listed`` fell in the band."""
     from . import cpu
 
-    scalars = [-lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, weight_decay]
-    return cpu.band("cnl_adam_band", [param, grad, m, v], [*scalars, int(bool(weight_decay))], lo, hi, listed)
+    scalars = _adam_scalars(lr, beta1, beta2, eps, step, weight_decay)
+    return cpu.band("cnl_adam_band", [param, grad, m, v], scalars, lo, hi, listed)
 
 
 def adam_settle(
@@ -176,8 +172,8 @@ def adam_settle(
     """Move the elements at ``idx`` (left by :func:`adam_band`) whose |m| >= ``threshold``; how many moved."""
     from . import cpu
 
-    scalars = [-lr, 1 - beta1**step, 1 - beta2**step, eps, weight_decay, int(bool(weight_decay)), threshold]
-    return cpu.settle("cnl_adam_settle", [param, m, v], idx, scalars)
+    s = _adam_scalars(lr, beta1, beta2, eps, step, weight_decay)
+    return cpu.settle("cnl_adam_settle", [param, m, v], idx, [s[0], *s[5:], threshold])
 
 
 def momentum_band(

@@ -169,6 +169,15 @@ int64_t cnl_momentum(float* theta, const float* grad, float* v, const void* sign
     return n;
 }
 
+/* Adam / AdamW's direction from the new moments: u = m^ / (sqrt(v^) + eps) [+ wd theta], as the eager rule
+ * rounds it (shared by the masked update, MoFO's band update and its settling) */
+static inline float adam_direction(float mm, float vv, float theta, float bc1, float bc2, float eps, float wd,
+                                   int decay) {
+    const float denom = sqrtf(vv / bc2) + eps;
+    const float plain = (mm / bc1) / denom;
+    return decay ? fmaf(theta, wd, plain) : plain;
+}
+
 /* Adam / AdamW: bias-corrected moments from the unmasked g; u = m^ / (sqrt(v^) + eps) [+ wd theta] */
 static int64_t adam_range(float* restrict theta, const float* restrict grad, float* restrict m, float* restrict v,
                           const void* restrict signs, int storage, int64_t start, int64_t stop, float neg_lr,
@@ -181,9 +190,7 @@ static int64_t adam_range(float* restrict theta, const float* restrict grad, flo
         const float vv = fmaf(one_minus_beta2 * g, g, v[e] * beta2);          \
         m[e] = mm;                                                            \
         v[e] = vv;                                                            \
-        const float denom = sqrtf(vv / bc2) + eps;                            \
-        const float plain = (mm / bc1) / denom;                               \
-        const float u = decay ? fmaf(theta[e], wd, plain) : plain;            \
+        const float u = adam_direction(mm, vv, theta[e], bc1, bc2, eps, wd, decay); \
         STEP(e, u, code)                                                      \
     }
     LOOPS(ADAM_BODY)
@@ -315,9 +322,7 @@ int64_t cnl_adam_band(float* restrict theta, const float* restrict grad, float* 
         const float vv = fmaf(one_minus_beta2 * g, g, v[e] * beta2); \
         m[e] = mm;                                                   \
         v[e] = vv;                                                   \
-        const float denom = sqrtf(vv / bc2) + eps;                   \
-        const float plain = (mm / bc1) / denom;                      \
-        const float u = decay ? fmaf(theta[e], wd, plain) : plain;   \
+        const float u = adam_direction(mm, vv, theta[e], bc1, bc2, eps, wd, decay); \
         const float a = fabsf(mm);                                   \
         BAND_STEP(e, u, a)                                           \
     }
@@ -345,10 +350,7 @@ int64_t cnl_adam_settle(float* theta, const float* m, const float* v, const int3
     for (int64_t j = 0; j < count; j++) {
         const int64_t e = idx[j];
         if (!(fabsf(m[e]) >= thr)) continue;
-        const float denom = sqrtf(v[e] / bc2) + eps;
-        const float plain = (m[e] / bc1) / denom;
-        const float u = decay ? fmaf(theta[e], wd, plain) : plain;
-        theta[e] = fmaf(u, neg_lr, theta[e]);
+        theta[e] = fmaf(adam_direction(m[e], v[e], theta[e], bc1, bc2, eps, wd, decay), neg_lr, theta[e]);
         moved++;
     }
     return moved;
